@@ -1,0 +1,159 @@
+"""``ssl-bench`` command line: methods, train, grid plan|launch, results table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ssl_bench import config as config_lib
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ssl_bench.methods import METHODS
+
+    width = max(len(e.name) for e in METHODS)
+    for entry in METHODS:
+        print(f"{entry.name:<{width}}  {entry.description}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from ssl_bench.data import DATASETS
+
+    width = max(len(e.name) for e in DATASETS)
+    for entry in DATASETS:
+        print(f"{entry.name:<{width}}  {entry.description}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ssl_bench import train
+
+    tree = config_lib.load_config_tree(args.config)
+    tree.setdefault("study", Path(args.config).stem)
+    cfg = config_lib.build_config(tree, config_lib.parse_overrides(args.overrides), source=args.config)
+    run_id = config_lib.run_id(cfg)
+    train.validate_config(cfg, f"run {run_id}")
+    print(f"[ssl-bench] run {run_id} -> {Path(cfg.tracking.runs_root) / cfg.study / run_id}", flush=True)
+    result = train.run(cfg, force=args.force)
+    if result.skipped:
+        print(f"[ssl-bench] {run_id} already completed; nothing recomputed (use --force to run it again; "
+              f"the earlier attempt is kept under attempts/)")
+    print(f"[ssl-bench] {run_id}: {result.status}; k-NN top-1 {fmt(result.metrics.get('knn_top1'))}%, "
+          f"at init {fmt(result.metrics.get('knn_top1_init'))}%; {result.run_dir}")
+    return 0
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def load_study(args: argparse.Namespace):
+    from ssl_bench.launch.grid import load_study as load
+
+    return load(args.study, args.overrides)
+
+
+def plan_rows(study) -> list[dict]:
+    from ssl_bench.report.collect import read_json
+
+    rows = []
+    for spec in study.runs:
+        result = read_json(spec.run_dir / "result.json")
+        rows.append({"run_id": spec.run_id, "method": spec.method, **{k: v for k, v in spec.axes if k != "method.name"},
+                     "seed": spec.seed, "status": (result or {}).get("status", "pending"),
+                     "run_dir": str(spec.run_dir)})
+    return rows
+
+
+def cmd_grid_plan(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ssl_bench.launch.grid import validate
+
+    study = load_study(args)
+    validate(study)
+    print(f"study {study.name!r}: {len(study.runs)} runs "
+          f"({' x '.join(f'{len(v)} {k}' for k, v in study.axes.items()) or 'no axes'} x {len(study.seeds)} seeds)")
+    print(pd.DataFrame(plan_rows(study)).to_markdown(index=False))
+    return 0
+
+
+def cmd_grid_launch(args: argparse.Namespace) -> int:
+    from ssl_bench.launch.grid import validate
+    from ssl_bench.launch.local import launch_local
+
+    study = load_study(args)
+    validate(study)  # every run is checked before the first one starts
+    print(f"study {study.name!r}: {len(study.runs)} runs, local launcher", flush=True)
+    summary = launch_local(study, force=args.force)
+    print(f"study {study.name!r}: {len(summary.completed)} completed, {len(summary.skipped)} skipped "
+          f"(already completed), {len(summary.failed)} failed")
+    for run_id, error in summary.failed.items():
+        print(f"  FAILED {run_id}: {error}")
+    return 0 if summary.ok else 1
+
+
+def cmd_results_table(args: argparse.Namespace) -> int:
+    from ssl_bench.report.collect import collect
+    from ssl_bench.report.table import markdown_report
+
+    study = load_study(args)
+    expected = [{"run_id": s.run_id, "run_dir": s.run_dir, "seed": s.seed, "method": s.method,
+                 "axes": {("method" if k == "method.name" else k): v for k, v in s.axes}} for s in study.runs]
+    df = collect(expected)
+    rows = [("method" if k == "method.name" else k) for k in study.axes] or ["method"]
+    text = markdown_report(df, study.name, rows)
+    print(text, end="")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssl-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
+    sub.add_parser("datasets", help="list registered datasets").set_defaults(func=cmd_datasets)
+
+    train = sub.add_parser("train", help="train one config and evaluate it")
+    train.add_argument("config", help="config YAML file")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=2")
+    train.add_argument("--force", action="store_true", help="rerun even if this run id already completed")
+    train.set_defaults(func=cmd_train)
+
+    grid = sub.add_parser("grid", help="plan or launch a study")
+    grid_sub = grid.add_subparsers(dest="grid_command", required=True)
+    for name, func, text in (("plan", cmd_grid_plan, "validate and list the runs of a study"),
+                             ("launch", cmd_grid_launch, "run every run not yet completed")):
+        p = grid_sub.add_parser(name, help=text)
+        p.add_argument("study", help="study YAML file in experiments/")
+        p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+        if name == "launch":
+            p.add_argument("--force", action="store_true", help="rerun completed runs too")
+        p.set_defaults(func=func)
+
+    results = sub.add_parser("results", help="tables from run records")
+    results_sub = results.add_subparsers(dest="results_command", required=True)
+    table = results_sub.add_parser("table", help="Markdown table of a study's k-NN results")
+    table.add_argument("study", help="study YAML file")
+    table.add_argument("overrides", nargs="*", help="the same overrides the study was launched with")
+    table.add_argument("--output", help="also write the Markdown to this file")
+    table.set_defaults(func=cmd_results_table)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except config_lib.ConfigError as exc:
+        print(f"ssl-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Typed configs: dataclass defaults, YAML files, ``key=value`` overrides, run ids.
+
+Defaults are the embedded Fashion-MNIST CPU setup; loss and schedule defaults
+follow DINO (Caron et al. 2021, facebookresearch/dino ``main_dino.py``).
+Unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key or file."""
+
+
+@dataclass
+class AugConfig:
+    """DINO multi-crop photometric augmentations (DESIGN.md §5)."""
+
+    flip_p: float = 0.5
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    # Blur probabilities: global view 1, global view 2, local views.
+    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    # Blur sigma range at 224 px; scaled by crop_size / 224 so small images keep
+    # the same relative blur.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: float = 0.2  # second global view only
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+    download: bool = False
+    subset: Optional[int] = None  # seeded subset of the SSL training set
+    batch_size: int = 64  # per device
+    num_workers: int = 2
+    global_crop_size: int = 28
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops_number: int = 6
+    local_crop_size: int = 12
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # Evaluation preprocessing: resize shorter side, then centre crop.
+    eval_resize: int = 28
+    eval_crop_size: int = 28
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm model name
+    patch_size: Optional[int] = 4  # ViTs only; None keeps the model's own
+    img_size: Optional[int] = 28  # ViTs only: position-embedding grid size
+    depth: Optional[int] = 4  # ViTs only; None keeps the model's own
+    drop_path_rate: float = 0.1
+    cifar_stem: bool = False  # ResNets: 3x3 stride-1 stem, no max-pool (28-32 px)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model kwargs
+
+
+@dataclass
+class MethodConfig:
+    name: str = "dino"
+    out_dim: int = 4096  # K prototypes (paper: 65536)
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    norm_last_layer: bool = True
+    freeze_last_layer_epochs: float = 1.0
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # after warmup
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # cosine to momentum_teacher_end
+    momentum_teacher_end: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    lr: float = 5e-4  # at batch 256; scaled by total batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-parameter gradient norm; 0 disables
+
+
+@dataclass
+class EvalConfig:
+    knn: bool = True
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    knn_report_k: int = 20
+    knn_init: bool = True  # also score the randomly initialised backbone
+    bank_subset: Optional[int] = None  # seeded subset of the train split as k-NN bank
+    test_subset: Optional[int] = None  # seeded subset of the test split
+    batch_size: int = 256
+    chunk_size: int = 1024  # test features scored at once
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_steps: int = -1  # -1: run all epochs
+    num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "off"  # off | offline | online
+    wandb_project: str = "ssl-bench"
+    wandb_entity: Optional[str] = None
+    log_every_n_steps: int = 10
+    runs_root: str = "runs"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    study: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+WANDB_MODES = ("off", "offline", "online")
+# Keys that do not change what is computed, so they stay out of the run id.
+UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "trainer.num_threads")
+BASE_KEY = "base"  # a config file may name another file it extends
+
+
+def check_keys(tree: dict[str, Any], schema: type = Config, prefix: str = "", source: str = "") -> None:
+    """Raise ConfigError for a key that ``schema`` lacks, listing the valid keys."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            where = f" in {source}" if source else ""
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            valid = ", ".join(f"{prefix}{n}" for n in fields)
+            raise ConfigError(f"unknown config key {path!r}{where}{hint} Valid keys here: {valid}")
+        sub = fields[key].type
+        sub_cls = _dataclass_of(sub)
+        if sub_cls is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r}{_src(source)} must be a mapping of sub-keys")
+            check_keys(value, sub_cls, prefix=f"{path}.", source=source)
+
+
+def _dataclass_of(type_name: Any) -> Optional[type]:
+    classes = {c.__name__: c for c in (AugConfig, DataConfig, BackboneConfig, MethodConfig,
+                                       OptimConfig, EvalConfig, TrainerConfig, TrackingConfig)}
+    if isinstance(type_name, str):
+        return classes.get(type_name)
+    return type_name if dataclasses.is_dataclass(type_name) else None
+
+
+def _src(source: str) -> str:
+    return f" in {source}" if source else ""
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["optim.epochs=2", "data.subset=null"]`` into a nested dict (YAML values)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.epochs=2)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted == "a.b.c"``."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"key {dotted!r}: {part!r} is a value, not a group of keys")
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``extra`` (neither is modified)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping, with the file named in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+    return data
+
+
+def load_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file and the ``base:`` chain it extends into one override tree."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config file {str(path)!r} extends itself through 'base:'")
+    data = read_yaml(path)
+    base = data.pop(BASE_KEY, None)
+    check_keys(data, source=str(path))
+    if base is None:
+        return data
+    return deep_merge(load_config_tree(path.parent / base, _seen + (path,)), data)
+
+
+def build_config(*trees: dict[str, Any], source: str = "") -> Config:
+    """Merge override trees onto the defaults into a typed, validated Config."""
+    merged: dict[str, Any] = {}
+    for tree in trees:
+        check_keys(tree, source=source)
+        merged = deep_merge(merged, tree)
+    schema = OmegaConf.structured(Config)
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.create(merged))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key {key!r}{_src(source)}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+    assert isinstance(obj, Config)
+    check_values(obj)
+    return obj
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- config file (with its ``base:`` chain) <- ``key=value`` overrides."""
+    trees = [load_config_tree(path)] if path else []
+    trees.append(parse_overrides(list(overrides)))
+    return build_config(*trees, source=str(path or "overrides"))
+
+
+def check_values(cfg: Config) -> None:
+    """Range checks that need no registry (registries are checked in launch)."""
+    if cfg.tracking.wandb not in WANDB_MODES:
+        raise ConfigError(f"tracking.wandb={cfg.tracking.wandb!r}; valid: {', '.join(WANDB_MODES)}")
+    positive = {"data.batch_size": cfg.data.batch_size, "optim.epochs": cfg.optim.epochs,
+                "method.out_dim": cfg.method.out_dim, "data.global_crop_size": cfg.data.global_crop_size,
+                "trainer.devices": cfg.trainer.devices, "trainer.num_nodes": cfg.trainer.num_nodes}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key in ("data.subset", "eval.bank_subset", "eval.test_subset"):
+        value = get_dotted(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive number of images or null, got {value}")
+    for key in ("data.global_crop_scale", "data.local_crop_scale"):
+        lo, hi = get_dotted(cfg, key)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{key} must be [low, high] with 0 < low <= high <= 1, got {[lo, hi]}")
+    if cfg.eval.knn_report_k not in cfg.eval.knn_k:
+        raise ConfigError(f"eval.knn_report_k={cfg.eval.knn_report_k} must be one of eval.knn_k={cfg.eval.knn_k}")
+
+
+def get_dotted(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. a run's config.yaml)."""
+    return build_config(tree)
+
+
+def config_hash(cfg: Config, length: int = 8) -> str:
+    """Stable short hash of everything that changes what a run computes."""
+    tree = to_dict(cfg)
+    for key in UNHASHED_KEYS:
+        parts = key.split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node[part]
+        node.pop(parts[-1], None)
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def run_id(cfg: Config) -> str:
+    """``<method>-<hash>``: readable in listings, unique per resolved config."""
+    return f"{cfg.method.name}-{config_hash(cfg)}"

@@ -1,0 +1,92 @@
+"""Lightning DataModule for multi-crop SSL training, and the k-NN evaluation loaders."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_bench.config import Config
+from ssl_bench.data.datasets import build_dataset, check_dataset, dataset_info, seeded_subset
+from ssl_bench.data.transforms import MultiCropTransform, eval_transform
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Multi-crop training batches ``(list of (B, 3, H, W) crop batches, (B,) labels)``.
+
+    The training set is the seeded ``cfg.data.subset`` of the train split, each
+    image turned into DINO's crops by MultiCropTransform (Caron et al. 2021).
+
+    Args:
+        cfg: full config; reads ``cfg.data`` and ``cfg.seed``.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self._train_set: Optional[Dataset] = None
+
+    def prepare_data(self) -> None:
+        # Lightning runs this once per node, so a download happens once, not per rank.
+        check_dataset(self.cfg.data)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.train_set  # noqa: B018 -- build it now rather than inside the first epoch
+
+    @property
+    def train_set(self) -> Dataset:
+        """The (subset of the) train split with the multi-crop transform, built once."""
+        if self._train_set is None:
+            data = self.cfg.data
+            info = dataset_info(data.name)
+            full = build_dataset(data, "train", MultiCropTransform(data, info.mean, info.std))
+            self._train_set = seeded_subset(full, data.subset, self.cfg.seed)
+        return self._train_set
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.cfg.data
+        return DataLoader(
+            self.train_set,
+            batch_size=data.batch_size,
+            shuffle=True,
+            drop_last=True,  # every step sees a full batch, as in DINO
+            num_workers=data.num_workers,
+            persistent_workers=data.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    @property
+    def world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch on each rank, i.e. ``len(train_dataloader())`` there.
+
+        Lightning's DistributedSampler pads the set to a multiple of the world size,
+        so each rank sees ceil(N / world) items and drops the last partial batch.
+        """
+        per_rank = math.ceil(len(self.train_set) / self.world_size)  # type: ignore[arg-type]
+        return per_rank // self.cfg.data.batch_size
+
+
+def eval_loaders(cfg: Config) -> tuple[DataLoader, DataLoader]:
+    """(bank_loader, test_loader) for k-NN: seeded subsets of train and test, eval preprocessing.
+
+    Batches are ``((B, 3, C, C) images, (B,) labels)``, C = ``cfg.data.eval_crop_size``,
+    in a fixed order (no shuffling) so features line up with labels across runs.
+    """
+    info = dataset_info(cfg.data.name)
+    transform = eval_transform(cfg.data, info.mean, info.std)
+    bank = seeded_subset(build_dataset(cfg.data, "train", transform), cfg.eval.bank_subset, cfg.seed)
+    test = seeded_subset(build_dataset(cfg.data, "test", transform), cfg.eval.test_subset, cfg.seed)
+    return _eval_loader(cfg, bank), _eval_loader(cfg, test)
+
+
+def _eval_loader(cfg: Config, dataset: Dataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, drop_last=False,
+                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())

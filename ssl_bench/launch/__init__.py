@@ -1,0 +1,1 @@
+"""Study expansion, validation and launchers (``train`` is imported lazily)."""

@@ -1,0 +1,139 @@
+"""Study files -> validated RunSpecs (cartesian grid axes x seeds).
+
+A study file::
+
+    study: demo                      # optional; defaults to the file name
+    base: fashion_mnist_dino.yaml    # config file every run starts from (relative path)
+    config: {optim: {epochs: 2}}     # overrides applied to every run
+    grid:                            # cartesian product of dotted keys
+      method.name: [dino, dino_no_centering]
+    seeds: [0, 1]
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ssl_bench import config as config_lib
+
+STUDY_KEYS = ("study", "description", "base", "config", "grid", "seeds")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: its id, resolved config and the axis values that made it."""
+
+    run_id: str
+    config: config_lib.Config
+    axes: tuple[tuple[str, Any], ...]
+    seed: int
+
+    @property
+    def run_dir(self) -> Path:
+        from ssl_bench.tracking import run_dir
+
+        return run_dir(self.config, self.run_id)
+
+    @property
+    def method(self) -> str:
+        return self.config.method.name
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    axes: dict[str, list[Any]]
+    seeds: list[int]
+    runs: list[RunSpec]
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
+    """Read, expand and type-check a study; ``overrides`` apply to every run."""
+    path = Path(path)
+    data = config_lib.read_yaml(path)
+    unknown = sorted(set(data) - set(STUDY_KEYS))
+    if unknown:
+        raise config_lib.ConfigError(f"study file {str(path)!r}: unknown key(s) {unknown}; "
+                                     f"valid study keys: {', '.join(STUDY_KEYS)}")
+    name = str(data.get("study") or path.stem)
+    base_tree = config_lib.load_config_tree(path.parent / data["base"]) if data.get("base") else {}
+    shared = config_lib.deep_merge(base_tree, data.get("config") or {})
+    shared = config_lib.deep_merge(shared, config_lib.parse_overrides(list(overrides)))
+    axes = _read_axes(data.get("grid") or {}, path)
+    seeds = _read_seeds(data.get("seeds"), path)
+    runs = [make_spec(shared, name, combo, seed, str(path)) for combo in _product(axes) for seed in seeds]
+    _check_unique(runs, path)
+    return Study(name, path, axes, seeds, runs)
+
+
+def _read_axes(grid: Any, path: Path) -> dict[str, list[Any]]:
+    if not isinstance(grid, dict):
+        raise config_lib.ConfigError(f"study file {str(path)!r}: 'grid' must map dotted keys to lists of values")
+    axes = {}
+    for key, values in grid.items():
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise config_lib.ConfigError(f"study file {str(path)!r}: grid axis {key!r} has no values")
+        probe: dict[str, Any] = {}
+        config_lib.set_dotted(probe, key, values[0])
+        config_lib.check_keys(probe, source=f"{path} grid")
+        axes[key] = values
+    return axes
+
+
+def _read_seeds(seeds: Any, path: Path) -> list[int]:
+    if seeds is None:
+        return [0]
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise config_lib.ConfigError(f"study file {str(path)!r}: 'seeds' must be a list of integers, got {seeds}")
+    return seeds
+
+
+def _product(axes: dict[str, list[Any]]) -> list[tuple[tuple[str, Any], ...]]:
+    keys = list(axes)
+    return [tuple(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def make_spec(shared: dict[str, Any], study: str, combo: tuple[tuple[str, Any], ...], seed: int,
+              source: str) -> RunSpec:
+    tree = config_lib.deep_merge(shared, {"study": study, "seed": seed})
+    for key, value in combo:
+        point: dict[str, Any] = {}
+        config_lib.set_dotted(point, key, value)
+        tree = config_lib.deep_merge(tree, point)
+    label = ", ".join(f"{k}={v}" for k, v in combo) or "base"
+    cfg = config_lib.build_config(tree, source=f"{source} [{label}, seed={seed}]")
+    return RunSpec(config_lib.run_id(cfg), cfg, combo, seed)
+
+
+def _check_unique(runs: list[RunSpec], path: Path) -> None:
+    seen: dict[str, RunSpec] = {}
+    for spec in runs:
+        if spec.run_id in seen:
+            raise config_lib.ConfigError(
+                f"study file {str(path)!r}: runs {dict(seen[spec.run_id].axes)} and {dict(spec.axes)} resolve to "
+                f"the same config ({spec.run_id}); an axis does not change anything")
+        seen[spec.run_id] = spec
+
+
+def validate(study: Study) -> None:
+    """Check every run (registries, model build, data reachable) before any starts."""
+    from ssl_bench.train import validate_config  # lazy: pulls in torch
+
+    checked: set[str] = set()
+    for spec in study.runs:
+        label = f"run {spec.run_id} ({', '.join(f'{k}={v}' for k, v in spec.axes)}, seed={spec.seed})"
+        validate_config(spec.config, label, check_data=repr(spec.config.data) not in checked)
+        checked.add(repr(spec.config.data))
+
+
+def with_runs_root(study: Study, runs_root: str) -> Study:
+    """The same study writing under another runs root (e.g. tests' tmp dirs)."""
+    runs = [replace(s, config=replace(s.config, tracking=replace(s.config.tracking, runs_root=runs_root)))
+            for s in study.runs]
+    return replace(study, runs=runs)

@@ -1,0 +1,1 @@
+"""Run directories -> pandas DataFrame -> tables and figures (no torch here)."""

@@ -1,0 +1,46 @@
+"""Collect run directories into one tidy DataFrame: one row per expected run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+MISSING = "missing"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per expected run: its axes, seed, status and every metric/timing in result.json.
+
+    Args:
+        expected: dicts with ``run_id``, ``run_dir``, ``seed`` and ``axes`` (a dict of
+            axis -> value), e.g. from a study's RunSpecs. Runs without a readable
+            result.json get status ``missing``; none is dropped.
+    """
+    rows = []
+    for run in expected:
+        row: dict[str, Any] = {"run_id": run["run_id"], "seed": run["seed"], **run["axes"]}
+        result = read_json(Path(run["run_dir"]) / "result.json")
+        env = read_json(Path(run["run_dir"]) / "env.json") or {}
+        row["status"] = result.get("status", MISSING) if result else MISSING
+        row["method"] = (result or {}).get("method", run.get("method"))
+        row["error"] = (result or {}).get("error")
+        for key, value in ((result or {}).get("metrics") or {}).items():
+            row[key] = value
+        for key, value in ((result or {}).get("timing") or {}).items():
+            row[f"timing.{key}"] = value
+        git = env.get("git") or {}
+        row["git_sha"] = git.get("sha")
+        row["git_dirty"] = git.get("dirty")
+        row["protocol"] = json.dumps((result or {}).get("protocol"), sort_keys=True) if result else None
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,73 @@
+"""Markdown result tables grouped by the study's axes, with provenance and missing runs listed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import pandas as pd
+
+COMPLETED = "completed"
+DEFAULT_METRICS = (("knn_top1", "k-NN top-1 (%)"), ("knn_top1_init", "k-NN top-1 at init (%)"))
+
+
+def mean_std(values: pd.Series, digits: int = 2) -> str:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return "—"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def minutes(values: pd.Series) -> str:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return "—" if values.empty else f"{values.mean() / 60:.1f}"
+
+
+def summary_table(df: pd.DataFrame, rows: Sequence[str],
+                  metrics: Sequence[tuple[str, str]] = DEFAULT_METRICS) -> pd.DataFrame:
+    """One line per combination of ``rows`` values: completed/expected runs, metric mean ± std, wall time."""
+    lines = []
+    for key, group in df.groupby(list(rows), sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        done = group[group["status"] == COMPLETED]
+        line: dict[str, Any] = dict(zip(rows, key))
+        line["runs"] = f"{len(done)}/{len(group)}"
+        for metric, title in metrics:
+            line[title] = mean_std(done[metric]) if metric in done else "—"
+        line["wall time (min)"] = minutes(done["timing.wall_s"]) if "timing.wall_s" in done else "—"
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def incomplete_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs that are not completed (missing, running, failed), so none is silently dropped."""
+    bad = df[df["status"] != COMPLETED]
+    cols = [c for c in ("run_id", "method", "seed", "status", "error") if c in bad]
+    return bad[cols]
+
+
+def provenance(df: pd.DataFrame, study: str) -> list[str]:
+    """Footer lines: study, runs, git shas with dirty flags, evaluation protocol."""
+    done = df[df["status"] == COMPLETED]
+    shas = sorted({f"{str(s)[:10]}{' (dirty)' if d else ''}" for s, d in zip(done["git_sha"], done["git_dirty"])})
+    protocols = sorted({p for p in done["protocol"].dropna()})
+    lines = [f"study `{study}`: {len(done)} of {len(df)} runs completed",
+             f"code: git {', '.join(shas) if shas else 'unknown'}"]
+    for p in protocols:
+        knn = (json.loads(p) or {}).get("knn")
+        if knn:
+            lines.append(f"k-NN protocol: k={knn['k']}, T={knn['temperature']}, {knn['features']}; "
+                         f"bank = {knn['bank']}; test = {knn['test']}")
+    return lines
+
+
+def markdown_report(df: pd.DataFrame, study: str, rows: Sequence[str]) -> str:
+    """The table, the list of incomplete runs and the provenance footer, as Markdown."""
+    parts = [summary_table(df, rows).to_markdown(index=False)]
+    bad = incomplete_runs(df)
+    if not bad.empty:
+        parts.append("Runs not in the table (not completed):\n\n" + bad.to_markdown(index=False))
+    parts.append("\n".join(f"- {line}" for line in provenance(df, study)))
+    return "\n\n".join(parts) + "\n"

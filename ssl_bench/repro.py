@@ -1,0 +1,83 @@
+"""Seeding and environment capture (git sha, dirty flag, versions, hardware)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import random
+import resource
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("torch", "torchvision", "timm", "lightning", "wandb", "submitit", "numpy", "pandas", "omegaconf")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (if present) and torch on every device."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy ships with torch here
+        pass
+
+
+def git_state(path: Path | None = None) -> dict[str, Any]:
+    """``{"sha", "dirty", "branch"}`` of the repository holding ``path`` (the package by default)."""
+    cwd = str(path or Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": bool(status) if status is not None else None,
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        versions["ssl-bench"] = importlib.metadata.version("ssl-bench")
+    except importlib.metadata.PackageNotFoundError:
+        versions["ssl-bench"] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
+                            "processor": platform.machine(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def environment(seed: int, world_size: int) -> dict[str, Any]:
+    """Everything env.json records about where and how a run ran."""
+    return {"git": git_state(), "versions": package_versions(), "hardware": hardware(),
+            "world_size": world_size, "seed": seed,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,39 @@
+"""Schedules as pure functions of the global step.
+
+Follows DINO (Caron et al. 2021), facebookresearch/dino ``utils.cosine_scheduler``
+and the teacher-temperature warmup of ``DINOLoss``: linear warmup, then a
+half-cosine from the base value to the final value over the remaining steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine(step: int, total_steps: int, base: float, final: float,
+           warmup_steps: int = 0, warmup_start: float = 0.0) -> float:
+    """Value at ``step`` of DINO's per-iteration cosine schedule.
+
+    Same numbers as the official array ``cosine_scheduler(...)[step]``: warmup is
+    ``linspace(warmup_start, base, warmup_steps)``, then for ``i = step - warmup_steps``
+    ``final + (base - final) * (1 + cos(pi * i / n)) / 2`` with ``n = total - warmup``.
+    Steps past the end keep the last value.
+    """
+    step = min(step, max(total_steps - 1, 0))
+    if step < warmup_steps:
+        return linspace_at(step, warmup_steps, warmup_start, base)
+    n = max(total_steps - warmup_steps, 1)
+    i = step - warmup_steps
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * i / n))
+
+
+def linspace_at(step: int, num: int, start: float, end: float) -> float:
+    """``numpy.linspace(start, end, num)[step]``; ``end`` for ``step >= num - 1``."""
+    if num <= 1 or step >= num - 1:
+        return end
+    return start + (end - start) * step / (num - 1)
+
+
+def scaled_lr(base_lr: float, total_batch_size: int) -> float:
+    """Linear scaling rule of DINO: lr = base_lr * total batch / 256."""
+    return base_lr * total_batch_size / 256.0

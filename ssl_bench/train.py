@@ -1,0 +1,203 @@
+"""``run(cfg) -> RunResult``: the one place that wires data, method, evaluation and tracking."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ssl_bench import config as config_lib
+from ssl_bench import repro, tracking
+from ssl_bench.data import SSLDataModule, eval_loaders, num_classes
+from ssl_bench.eval.features import extract_features
+from ssl_bench.eval.knn import knn_accuracies
+from ssl_bench.methods import build_method
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False  # completed earlier; nothing was recomputed
+
+
+class AtomicLastCheckpoint(Callback):
+    """Writes checkpoints/last.ckpt at every epoch end via temp file + rename."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / tracking.LAST_CHECKPOINT
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+
+
+def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
+    """Train ``cfg``, evaluate by k-NN and write the run directory; skip if already completed."""
+    run_id = config_lib.run_id(cfg)
+    directory = tracking.run_dir(cfg, run_id)
+    previous = tracking.read_result(directory)
+    if previous and previous.get("status") == tracking.STATUS_COMPLETED and not force:
+        return RunResult(run_id, directory, tracking.STATUS_COMPLETED, previous.get("metrics", {}),
+                         previous.get("timing", {}), skipped=True)
+    if directory.exists():
+        tracking.archive_previous_attempt(directory)
+    run_dir = tracking.RunDir(directory)
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    run_dir.start(cfg, run_id, repro.environment(cfg.seed, world))
+    record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed}
+    started = time.time()
+    try:
+        metrics, timing = _train_and_evaluate(cfg, run_dir)
+    except BaseException as exc:
+        run_dir.write_result({**record, "status": tracking.STATUS_FAILED,
+                              "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                              "timing": {"wall_s": round(time.time() - started, 2)}})
+        raise
+    timing["wall_s"] = round(time.time() - started, 2)
+    run_dir.write_result({**record, "status": tracking.STATUS_COMPLETED, "metrics": metrics, "timing": timing,
+                          "protocol": knn_protocol(cfg)})
+    return RunResult(run_id, directory, tracking.STATUS_COMPLETED, metrics, timing)
+
+
+def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tuple[dict, dict]:
+    repro.seed_everything(cfg.seed)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    datamodule = SSLDataModule(cfg)
+    method = build_method(cfg)
+    metrics: dict[str, Any] = {}
+    timing: dict[str, float] = {}
+
+    if cfg.eval.knn and cfg.eval.knn_init:
+        t0 = time.time()
+        metrics.update(knn_metrics(cfg, method.eval_backbone(), suffix="_init"))
+        timing["knn_init_s"] = round(time.time() - t0, 2)
+
+    trainer = build_trainer(cfg, run_dir)
+    t0 = time.time()
+    trainer.fit(method, datamodule=datamodule)
+    train_s = time.time() - t0
+    images = trainer.global_step * cfg.data.batch_size * trainer.world_size
+    timing.update({"train_s": round(train_s, 2), "train_steps": trainer.global_step,
+                   "train_images_per_s": round(images / max(train_s, 1e-9), 2)})
+    metrics["train_loss_last"] = _last_logged(trainer, "train/loss")
+
+    if cfg.eval.knn and trainer.is_global_zero:
+        t0 = time.time()
+        metrics.update(knn_metrics(cfg, method.eval_backbone(), suffix=""))
+        timing["knn_s"] = round(time.time() - t0, 2)
+    timing["peak_rss_mb"] = round(repro.peak_rss_mb(), 1)
+    return metrics, timing
+
+
+def quiet_lightning() -> None:
+    """Hide Lightning's banners and advertising; our own lines say what runs where."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*`weights_only` was not set.*")
+
+
+def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir) -> L.Trainer:
+    quiet_lightning()
+    loggers = [tracking.JsonlLogger(run_dir.path / tracking.METRICS_FILE)]
+    wandb = tracking.wandb_logger(cfg, run_dir.path.name, run_dir.path)
+    if wandb is not None:
+        loggers.append(wandb)
+    t = cfg.trainer
+    return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+                     max_epochs=cfg.optim.epochs, max_steps=t.max_steps, logger=loggers,
+                     callbacks=[AtomicLastCheckpoint(run_dir.checkpoints)], enable_checkpointing=False,
+                     log_every_n_steps=cfg.tracking.log_every_n_steps,
+                     enable_progress_bar=cfg.tracking.progress_bar, enable_model_summary=False,
+                     default_root_dir=str(run_dir.path), num_sanity_val_steps=0)
+
+
+def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str) -> dict[str, float]:
+    """k-NN top-1/top-5 for every k in cfg.eval.knn_k; ``knn_top1{suffix}`` is the reported k."""
+    bank_loader, test_loader = eval_loaders(cfg)
+    label = "init" if suffix else "trained"
+    print(f"[ssl-bench] k-NN ({label} teacher backbone): {len(bank_loader.dataset)} bank / "
+          f"{len(test_loader.dataset)} test images", flush=True)
+    bank, bank_labels = extract_features(backbone, bank_loader, progress=_progress(cfg, "bank features"))
+    test, test_labels = extract_features(backbone, test_loader, progress=_progress(cfg, "test features"))
+    accs = knn_accuracies(bank, bank_labels, test, test_labels, list(cfg.eval.knn_k),
+                          cfg.eval.knn_temperature, num_classes(cfg.data), cfg.eval.chunk_size)
+    out = {f"{tracking.KNN_TOP1}{suffix}": accs[cfg.eval.knn_report_k]["top1"],
+           f"knn_top5{suffix}": accs[cfg.eval.knn_report_k]["top5"]}
+    for k, acc in accs.items():
+        out[f"knn_k{k}_top1{suffix}"] = acc["top1"]
+    print(f"[ssl-bench] k-NN ({label}) k={cfg.eval.knn_report_k} top-1 = {out[tracking.KNN_TOP1 + suffix]:.2f}%",
+          flush=True)
+    return out
+
+
+def _progress(cfg: config_lib.Config, label: str):
+    """A progress callback for feature extraction (a tqdm bar), or None when bars are off."""
+    if not cfg.tracking.progress_bar:
+        return None
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"k-NN {label}", unit="batch", leave=False)
+        bar.update(1)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def knn_protocol(cfg: config_lib.Config) -> dict[str, Any]:
+    """How the k-NN numbers were computed, stored next to them."""
+    return {"knn": {"k": cfg.eval.knn_report_k, "ks": list(cfg.eval.knn_k), "temperature": cfg.eval.knn_temperature,
+                    "features": "teacher backbone CLS (pooled for CNNs), L2-normalised",
+                    "bank": f"{cfg.data.name} train" + (f" subset {cfg.eval.bank_subset}" if cfg.eval.bank_subset else ""),
+                    "test": f"{cfg.data.name} test" + (f" subset {cfg.eval.test_subset}" if cfg.eval.test_subset else ""),
+                    "eval_resize": cfg.data.eval_resize, "eval_crop_size": cfg.data.eval_crop_size}}
+
+
+def _last_logged(trainer: L.Trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else None
+
+
+def validate_config(cfg: config_lib.Config, label: str = "config", check_data: bool = True) -> None:
+    """Fail before anything starts: unknown method/dataset/backbone, unbuildable model, unreachable data."""
+    from ssl_bench.data import DATASETS, check_dataset
+    from ssl_bench.methods import METHODS
+    from ssl_bench.registry import RegistryError
+
+    try:
+        METHODS.entry(cfg.method.name)
+        DATASETS.entry(cfg.data.name)
+    except RegistryError as exc:
+        raise config_lib.ConfigError(f"{label}: {exc}") from exc
+    try:
+        with torch.device("meta"):  # builds the modules without allocating weights
+            build_method(cfg)
+    except Exception as exc:
+        raise config_lib.ConfigError(f"{label}: cannot build method {cfg.method.name!r} with backbone "
+                                     f"{cfg.backbone.name!r}: {exc}") from exc
+    if check_data:
+        try:
+            check_dataset(cfg.data)
+        except FileNotFoundError as exc:
+            raise config_lib.ConfigError(f"{label}: {exc}") from exc

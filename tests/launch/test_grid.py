@@ -1,0 +1,86 @@
+"""Study expansion, validation before launch, run-id stability and skip-completed relaunch."""
+
+import json
+
+import pytest
+import yaml
+
+from ssl_bench import config as config_lib
+from ssl_bench.launch.grid import load_study, validate
+from ssl_bench.launch.local import launch_local
+
+
+def write_study(tmp_path, tiny_tree, grid, seeds=(0,), extra=None):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_tree))
+    study = {"study": "s", "base": "base.yaml", "grid": grid, "seeds": list(seeds), **(extra or {})}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_cartesian_expansion_and_stable_ids(tmp_path, tiny_tree):
+    path = write_study(tmp_path, tiny_tree, {"method.name": ["dino", "dino_no_centering"],
+                                             "method.center_momentum": [0.9, 0.99]}, seeds=[0, 1, 2])
+    study = load_study(path)
+    assert study.name == "s" and len(study.runs) == 2 * 2 * 3
+    assert len({r.run_id for r in study.runs}) == 12
+    assert [r.run_id for r in load_study(path).runs] == [r.run_id for r in study.runs]
+    first = study.runs[0]
+    assert dict(first.axes) == {"method.name": "dino", "method.center_momentum": 0.9} and first.seed == 0
+    assert first.config.method.center_momentum == 0.9 and first.config.study == "s"
+    # the same config launched by `ssl-bench train` gets the same id
+    assert first.run_id == config_lib.run_id(config_lib.build_config(tiny_tree, {"seed": 0}))
+
+
+def test_study_errors_name_the_key(tmp_path, tiny_tree):
+    with pytest.raises(config_lib.ConfigError, match="'gird'.*valid study keys"):
+        load_study(write_study(tmp_path, tiny_tree, {}, extra={"gird": {}}))
+    with pytest.raises(config_lib.ConfigError, match="method.nmae"):
+        load_study(write_study(tmp_path, tiny_tree, {"method.nmae": ["dino"]}))
+    with pytest.raises(config_lib.ConfigError, match="same config"):
+        load_study(write_study(tmp_path, tiny_tree, {"tracking.log_every_n_steps": [1, 2]}))
+
+
+def test_validate_rejects_unknown_method_before_any_run(tmp_path, tiny_tree):
+    study = load_study(write_study(tmp_path, tiny_tree, {"method.name": ["dino", "dnio"]}))
+    with pytest.raises(config_lib.ConfigError) as err:
+        validate(study)
+    assert "dnio" in str(err.value) and "did you mean 'dino'" in str(err.value)
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_launch_skips_completed_and_reruns_failed(tmp_path, tiny_tree):
+    study = load_study(write_study(tmp_path, tiny_tree, {"method.name": ["dino", "dino_no_sharpening"]}))
+    validate(study)
+    first = launch_local(study)
+    assert first.ok and len(first.completed) == 2
+    done, other = study.runs
+    mtime = (done.run_dir / "result.json").stat().st_mtime_ns
+    # mark the second run as failed: the next launch reruns it and keeps the failed attempt
+    failed = json.loads((other.run_dir / "result.json").read_text())
+    failed["status"] = "failed"
+    (other.run_dir / "result.json").write_text(json.dumps(failed))
+    second = launch_local(study)
+    assert second.skipped == [done.run_id] and second.completed == [other.run_id]
+    assert (done.run_dir / "result.json").stat().st_mtime_ns == mtime
+    archived = json.loads((other.run_dir / "attempts" / "1" / "result.json").read_text())
+    assert archived["status"] == "failed"
+    assert json.loads((other.run_dir / "result.json").read_text())["status"] == "completed"
+
+
+def test_failed_run_is_recorded_and_next_run_still_starts(tmp_path, tiny_tree, monkeypatch):
+    study = load_study(write_study(tmp_path, tiny_tree, {"method.name": ["dino", "dino_no_centering"]}))
+    from ssl_bench.methods import dino
+
+    original = dino.DINO.training_step
+
+    def boom(self, batch, idx):
+        if self.cfg.method.name == "dino":
+            raise RuntimeError("injected failure")
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(dino.DINO, "training_step", boom)
+    summary = launch_local(study)
+    assert list(summary.failed) == [study.runs[0].run_id] and summary.completed == [study.runs[1].run_id]
+    record = json.loads((study.runs[0].run_dir / "result.json").read_text())
+    assert record["status"] == "failed" and "injected failure" in record["error"]

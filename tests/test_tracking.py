@@ -1,0 +1,34 @@
+"""Run-directory helpers and the W&B mirror (real wandb library, offline mode)."""
+
+import json
+
+from ssl_bench import config as config_lib
+from ssl_bench import tracking, train
+
+
+def test_archive_previous_attempt_keeps_files(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "result.json").write_text('{"status": "failed"}')
+    (d / "metrics.jsonl").write_text("{}\n")
+    assert tracking.archive_previous_attempt(d) == d / "attempts" / "1"
+    (d / "result.json").write_text('{"status": "running"}')
+    assert tracking.archive_previous_attempt(d) == d / "attempts" / "2"
+    assert json.loads((d / "attempts" / "1" / "result.json").read_text())["status"] == "failed"
+    assert not (d / "result.json").exists()
+
+
+def test_truncated_result_reads_as_not_completed(tmp_path):
+    (tmp_path / "result.json").write_text('{"status": "compl')
+    assert tracking.read_result(tmp_path) is None and not tracking.is_completed(tmp_path)
+
+
+def test_wandb_offline_mirror(tiny_tree, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = config_lib.build_config(tiny_tree, {"tracking": {"wandb": "offline"}, "study": "wb"})
+    result = train.run(cfg)
+    offline = list((result.run_dir / "wandb").glob(f"offline-run-*-{result.run_id}"))
+    assert len(offline) == 1, list((result.run_dir / "wandb").iterdir())
+    assert (offline[0] / f"run-{result.run_id}.wandb").stat().st_size > 0
+    assert tracking.read_metrics(result.run_dir)  # the run directory is still written
