@@ -51,7 +51,8 @@ def incomplete_runs(df: pd.DataFrame) -> pd.DataFrame:
 def provenance(df: pd.DataFrame, study: str) -> list[str]:
     """Footer lines: study, runs, git shas with dirty flags, evaluation protocol."""
     done = df[df["status"] == COMPLETED]
-    shas = sorted({f"{str(s)[:10]}{' (dirty)' if d else ''}" for s, d in zip(done["git_sha"], done["git_dirty"])})
+    shas = sorted({f"{s[:10]}{' (dirty)' if d is True else ''}" if isinstance(s, str) else "unknown (not a git checkout)"
+                   for s, d in zip(done["git_sha"], done["git_dirty"])})
     protocols = sorted({p for p in done["protocol"].dropna()})
     lines = [f"study `{study}`: {len(done)} of {len(df)} runs completed",
              f"code: git {', '.join(shas) if shas else 'unknown'}"]
@@ -65,9 +66,9 @@ def provenance(df: pd.DataFrame, study: str) -> list[str]:
 
 def markdown_report(df: pd.DataFrame, study: str, rows: Sequence[str]) -> str:
     """The table, the list of incomplete runs and the provenance footer, as Markdown."""
-    parts = [summary_table(df, rows).to_markdown(index=False)]
+    parts = [summary_table(df, rows).to_markdown(index=False, disable_numparse=True)]
     bad = incomplete_runs(df)
     if not bad.empty:
-        parts.append("Runs not in the table (not completed):\n\n" + bad.to_markdown(index=False))
+        parts.append("Runs not in the table (not completed):\n\n" + bad.to_markdown(index=False, disable_numparse=True))
     parts.append("\n".join(f"- {line}" for line in provenance(df, study)))
     return "\n\n".join(parts) + "\n"
