@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -44,10 +44,10 @@ class Registry(Generic[T]):
     def add(self, name: str, factory: T, description: str = "") -> None:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
-        doc = description or (getattr(factory, "__doc__", "") or "").strip().splitlines()[:1]
-        if isinstance(doc, list):
-            doc = doc[0] if doc else ""
-        self._entries[name] = Entry(name, factory, doc)
+        if not description:  # fall back to the factory's docstring summary line
+            lines = (getattr(factory, "__doc__", None) or "").strip().splitlines()
+            description = lines[0] if lines else ""
+        self._entries[name] = Entry(name, factory, description)
 
     def get(self, name: str) -> T:
         return self.entry(name).factory
@@ -65,9 +65,6 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[Entry[T]]:
         return iter(self._entries[n] for n in self.names())
-
-    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
 
 
 def unknown_choice_message(kind: str, name: object, choices: list[str]) -> str:

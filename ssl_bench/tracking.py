@@ -57,11 +57,6 @@ def read_result(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_completed(directory: Path) -> bool:
-    result = read_result(directory)
-    return bool(result) and result.get("status") == STATUS_COMPLETED
-
-
 def archive_previous_attempt(directory: Path) -> Path | None:
     """Move the files of an earlier, unfinished attempt to attempts/N/ so nothing is overwritten.
 

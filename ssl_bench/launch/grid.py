@@ -13,7 +13,7 @@ A study file::
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +131,3 @@ def validate(study: Study) -> None:
         validate_config(spec.config, label, check_data=repr(spec.config.data) not in checked)
         checked.add(repr(spec.config.data))
 
-
-def with_runs_root(study: Study, runs_root: str) -> Study:
-    """The same study writing under another runs root (e.g. tests' tmp dirs)."""
-    runs = [replace(s, config=replace(s.config, tracking=replace(s.config.tracking, runs_root=runs_root)))
-            for s in study.runs]
-    return replace(study, runs=runs)
