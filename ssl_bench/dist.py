@@ -18,10 +18,6 @@ def rank() -> int:
     return torch_dist.get_rank() if is_distributed() else 0
 
 
-def is_main_process() -> bool:
-    return rank() == 0
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place across ranks (identity in one process) and return it."""
     if is_distributed():

@@ -31,7 +31,6 @@ STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 
 KNN_TOP1 = "knn_top1"
-KNN_TOP1_INIT = "knn_top1_init"
 
 
 def run_dir(cfg: Config, run_id: str) -> Path:
