@@ -328,3 +328,8 @@ def config_hash(cfg: Config, length: int = 8) -> str:
 def run_id(cfg: Config) -> str:
     """``<method>-<hash>``: readable in listings, unique per resolved config."""
     return f"{cfg.method.name}-{config_hash(cfg)}"
+
+
+def run_dir(cfg: Config) -> Path:
+    """``<runs_root>/<study>/<run_id>``: where a run's records live."""
+    return Path(cfg.tracking.runs_root) / cfg.study / run_id(cfg)

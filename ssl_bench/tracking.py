@@ -33,10 +33,6 @@ STATUS_FAILED = "failed"
 KNN_TOP1 = "knn_top1"
 
 
-def run_dir(cfg: Config, run_id: str) -> Path:
-    return Path(cfg.tracking.runs_root) / cfg.study / run_id
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file + rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

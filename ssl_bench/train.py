@@ -74,7 +74,7 @@ class ProgressLines(Callback):
 def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     """Train ``cfg``, evaluate by k-NN and write the run directory; skip if already completed."""
     run_id = config_lib.run_id(cfg)
-    directory = tracking.run_dir(cfg, run_id)
+    directory = config_lib.run_dir(cfg)
     previous = tracking.read_result(directory)
     if previous and previous.get("status") == tracking.STATUS_COMPLETED and not force:
         return RunResult(run_id, directory, tracking.STATUS_COMPLETED, previous.get("metrics", {}),

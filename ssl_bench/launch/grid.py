@@ -33,9 +33,7 @@ class RunSpec:
 
     @property
     def run_dir(self) -> Path:
-        from ssl_bench.tracking import run_dir
-
-        return run_dir(self.config, self.run_id)
+        return config_lib.run_dir(self.config)
 
     @property
     def method(self) -> str:
