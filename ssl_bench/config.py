@@ -67,6 +67,7 @@ class BackboneConfig:
     depth: Optional[int] = 4  # ViTs only; None keeps the model's own
     drop_path_rate: float = 0.1
     cifar_stem: bool = False  # ResNets: 3x3 stride-1 stem, no max-pool (28-32 px)
+    layerscale: Optional[float] = None  # ViTs: LayerScale init (DINOv2: 1e-5); None = off
     kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model kwargs
 
 
@@ -86,10 +87,18 @@ class MethodConfig:
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # cosine to momentum_teacher_end
     momentum_teacher_end: float = 1.0
+    sinkhorn_iterations: int = 3  # methods using Sinkhorn-Knopp targets (DINOv2: 3)
+    koleo_weight: float = 0.1  # dinov2*: KoLeo on L2-normalised student CLS; 0 = off
+    ibot_weight: float = 1.0  # ibot/dinov2*: weight of the masked-patch loss
+    ibot_separate_head: bool = False  # ibot/dinov2*: own patch head instead of sharing the DINO head
+    ibot_out_dim: Optional[int] = None  # prototypes of a separate patch head; None = out_dim
+    mask_probability: float = 0.5  # ibot/dinov2*: share of global-view images that get a mask
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # of patches, spread over images
 
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adamw"  # adamw (DINO ViTs) | sgd (momentum 0.9; DINO ResNet-50)
     epochs: int = 10
     lr: float = 5e-4  # at batch 256; scaled by total batch / 256
     min_lr: float = 1e-6
@@ -97,6 +106,9 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # per-parameter gradient norm; 0 disables
+    lr_scaling: str = "linear_256"  # linear_256: lr*B/256 (DINO) | sqrt_1024: lr*sqrt(B/1024) (DINOv2)
+    layerwise_decay: float = 1.0  # ViTs: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)
+    patch_embed_lr_mult: float = 1.0  # ViTs: extra lr factor on the patch embedding (DINOv2: 0.2)
 
 
 @dataclass
@@ -123,6 +135,17 @@ class TrainerConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Collapse diagnostics and what to do about a collapsed run."""
+
+    diagnostics_every_n_steps: int = 10  # entropy, KL, RankMe, feature std; 0 = off
+    stop_on_collapse: bool = False  # end a collapsed run early (recorded in result.json)
+    collapse_window: int = 5  # consecutive diagnostics that must agree before a run is called collapsed
+    collapse_tolerance: float = 0.02  # entropy within tolerance * log K of 0 or of log K
+    collapse_kl: float = 0.02  # KL(teacher || student) below this many nats
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = "off"  # off | offline | online
     wandb_project: str = "ssl-bench"
@@ -142,12 +165,16 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 WANDB_MODES = ("off", "offline", "online")
+LR_SCALING_RULES = ("linear_256", "sqrt_1024")
+OPTIMIZERS = ("adamw", "sgd")
 # Keys that do not change what is computed, so they stay out of the run id.
-UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "trainer.num_threads")
+UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "trainer.num_threads",
+                 "train.diagnostics_every_n_steps")
 BASE_KEY = "base"  # a config file may name another file it extends
 
 
@@ -172,7 +199,7 @@ def check_keys(tree: dict[str, Any], schema: type = Config, prefix: str = "", so
 
 def _dataclass_of(type_name: Any) -> Optional[type]:
     classes = {c.__name__: c for c in (AugConfig, DataConfig, BackboneConfig, MethodConfig,
-                                       OptimConfig, EvalConfig, TrainerConfig, TrackingConfig)}
+                                       OptimConfig, EvalConfig, TrainerConfig, TrainConfig, TrackingConfig)}
     if isinstance(type_name, str):
         return classes.get(type_name)
     return type_name if dataclasses.is_dataclass(type_name) else None
@@ -275,9 +302,22 @@ def check_values(cfg: Config) -> None:
     """Range checks that need no registry (registries are checked in launch)."""
     if cfg.tracking.wandb not in WANDB_MODES:
         raise ConfigError(f"tracking.wandb={cfg.tracking.wandb!r}; valid: {', '.join(WANDB_MODES)}")
+    if cfg.optim.lr_scaling not in LR_SCALING_RULES:
+        raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling!r}; valid: {', '.join(LR_SCALING_RULES)}")
+    if cfg.optim.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optim.optimizer={cfg.optim.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    lo, hi = cfg.method.mask_ratio
+    if not 0 <= lo <= hi < 1 or not 0 <= cfg.method.mask_probability <= 1:
+        raise ConfigError(f"method.mask_ratio must be [low, high] with 0 <= low <= high < 1 and "
+                          f"method.mask_probability in [0, 1], got {[lo, hi]} and {cfg.method.mask_probability}")
+    if cfg.train.collapse_window < 1 or not 0 < cfg.train.collapse_tolerance < 1 or cfg.train.collapse_kl < 0:
+        raise ConfigError("train.collapse_window must be >= 1, train.collapse_tolerance in (0, 1) and "
+                          f"train.collapse_kl >= 0, got {cfg.train.collapse_window}, "
+                          f"{cfg.train.collapse_tolerance} and {cfg.train.collapse_kl}")
     positive = {"data.batch_size": cfg.data.batch_size, "optim.epochs": cfg.optim.epochs,
                 "method.out_dim": cfg.method.out_dim, "data.global_crop_size": cfg.data.global_crop_size,
-                "trainer.devices": cfg.trainer.devices, "trainer.num_nodes": cfg.trainer.num_nodes}
+                "trainer.devices": cfg.trainer.devices, "trainer.num_nodes": cfg.trainer.num_nodes,
+                "method.sinkhorn_iterations": cfg.method.sinkhorn_iterations}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")

@@ -34,6 +34,10 @@ def linspace_at(step: int, num: int, start: float, end: float) -> float:
     return start + (end - start) * step / (num - 1)
 
 
-def scaled_lr(base_lr: float, total_batch_size: int) -> float:
-    """Linear scaling rule of DINO: lr = base_lr * total batch / 256."""
-    return base_lr * total_batch_size / 256.0
+def scaled_lr(base_lr: float, total_batch_size: int, rule: str = "linear_256") -> float:
+    """DINO's linear rule ``lr * B / 256`` or DINOv2's ``lr * sqrt(B / 1024)`` (``sqrt_1024``)."""
+    if rule == "linear_256":
+        return base_lr * total_batch_size / 256.0
+    if rule == "sqrt_1024":
+        return base_lr * math.sqrt(total_batch_size / 1024.0)
+    raise ValueError(f"unknown lr scaling rule {rule!r}; valid: linear_256, sqrt_1024")

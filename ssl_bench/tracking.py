@@ -26,6 +26,13 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 ATTEMPTS_DIR = "attempts"
 
+# Collapse diagnostics in metrics.jsonl (DINO Fig. 7; see eval/collapse.py).
+TEACHER_ENTROPY = "collapse/teacher_entropy"
+KL_TEACHER_STUDENT = "collapse/kl_teacher_student"
+RANKME = "collapse/rankme"
+FEATURE_STD = "collapse/feature_std"
+COLLAPSED = "collapse/collapsed"
+
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-import warnings
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,10 @@ from lightning.pytorch.callbacks import Callback
 
 from ssl_bench import config as config_lib
 from ssl_bench import repro, tracking
+from ssl_bench.callbacks import AtomicLastCheckpoint, CollapseDiagnostics, ProgressLines
 from ssl_bench.data import SSLDataModule, eval_loaders, num_classes
+from ssl_bench.data.masking import patch_grid
+from ssl_bench.eval.collapse import CollapseMonitor
 from ssl_bench.eval.features import extract_features
 from ssl_bench.eval.knn import knn_accuracies
 from ssl_bench.methods import build_method
@@ -31,44 +33,6 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # completed earlier; nothing was recomputed
-
-
-class AtomicLastCheckpoint(Callback):
-    """Writes checkpoints/last.ckpt at every epoch end via temp file + rename."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / tracking.LAST_CHECKPOINT
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-
-
-class ProgressLines(Callback):
-    """Plain progress lines (step, loss, img/s, ETA) for logs where a tqdm bar is unreadable, e.g. SLURM."""
-
-    def __init__(self, every_n_steps: int) -> None:
-        self.every = max(every_n_steps, 1)
-        self.start = 0.0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = time.time()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step % self.every or not trainer.is_global_zero:
-            return
-        total = trainer.estimated_stepping_batches
-        elapsed = time.time() - self.start
-        rate = step / max(elapsed, 1e-9)
-        loss = trainer.callback_metrics.get("train/loss")
-        print(f"[ssl-bench] step {step}/{total} epoch {trainer.current_epoch} "
-              f"loss {float(loss) if loss is not None else float('nan'):.4f} "
-              f"{rate * trainer.world_size * pl_module.cfg.data.batch_size:.1f} img/s "
-              f"ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min", flush=True)
 
 
 def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
@@ -87,7 +51,7 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed}
     started = time.time()
     try:
-        metrics, timing = _train_and_evaluate(cfg, run_dir)
+        metrics, timing, diagnostics = _train_and_evaluate(cfg, run_dir)
     except BaseException as exc:
         run_dir.write_result({**record, "status": tracking.STATUS_FAILED,
                               "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
@@ -95,16 +59,16 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
         raise
     timing["wall_s"] = round(time.time() - started, 2)
     run_dir.write_result({**record, "status": tracking.STATUS_COMPLETED, "metrics": metrics, "timing": timing,
-                          "protocol": knn_protocol(cfg)})
+                          "collapse": diagnostics, "protocol": knn_protocol(cfg)})
     return RunResult(run_id, directory, tracking.STATUS_COMPLETED, metrics, timing)
 
 
-def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tuple[dict, dict]:
+def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tuple[dict, dict, dict]:
     repro.seed_everything(cfg.seed)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    datamodule = SSLDataModule(cfg)
     method = build_method(cfg)
+    datamodule = build_datamodule(cfg, method)
     metrics: dict[str, Any] = {}
     timing: dict[str, float] = {}
 
@@ -113,7 +77,11 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
         metrics.update(knn_metrics(cfg, method.eval_backbone(), suffix="_init"))
         timing["knn_init_s"] = round(time.time() - t0, 2)
 
-    trainer = build_trainer(cfg, run_dir)
+    diagnostics = CollapseDiagnostics(cfg.train.diagnostics_every_n_steps,
+                                      CollapseMonitor(cfg.method.out_dim, cfg.train.collapse_tolerance,
+                                                      cfg.train.collapse_window, cfg.train.collapse_kl),
+                                      cfg.train.stop_on_collapse)
+    trainer = build_trainer(cfg, run_dir, [diagnostics])
     t0 = time.time()
     trainer.fit(method, datamodule=datamodule)
     train_s = time.time() - t0
@@ -121,13 +89,24 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
     timing.update({"train_s": round(train_s, 2), "train_steps": trainer.global_step,
                    "train_images_per_s": round(images / max(train_s, 1e-9), 2)})
     metrics["train_loss_last"] = _last_logged(trainer, "train/loss")
+    metrics.update({f"{name}_last": value for name, value in diagnostics.last.items() if name != "collapsed"})
 
     if cfg.eval.knn and trainer.is_global_zero:
         t0 = time.time()
         metrics.update(knn_metrics(cfg, method.eval_backbone(), suffix=""))
         timing["knn_s"] = round(time.time() - t0, 2)
     timing["peak_rss_mb"] = round(repro.peak_rss_mb(), 1)
-    return metrics, timing
+    return metrics, timing, diagnostics.summary()
+
+
+def build_datamodule(cfg: config_lib.Config, method: torch.nn.Module) -> SSLDataModule:
+    """The data the method needs: without local crops for single-scale methods, with iBOT masks for masked ones."""
+    local = None if method.uses_local_crops else 0
+    if local == 0 and cfg.data.local_crops_number:
+        print(f"[ssl-bench] {cfg.method.name}: 2 global views only; data.local_crops_number="
+              f"{cfg.data.local_crops_number} is not used", flush=True)
+    grid = patch_grid(cfg.data.global_crop_size, method.student.backbone.patch_size) if method.uses_masks else None
+    return SSLDataModule(cfg, local_crops_number=local, mask_grid=grid)
 
 
 def quiet_lightning() -> None:
@@ -137,14 +116,14 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`weights_only` was not set.*")
 
 
-def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir) -> L.Trainer:
+def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[Callback] = ()) -> L.Trainer:
     quiet_lightning()
     loggers = [tracking.JsonlLogger(run_dir.path / tracking.METRICS_FILE)]
     wandb = tracking.wandb_logger(cfg, run_dir.path.name, run_dir.path)
     if wandb is not None:
         loggers.append(wandb)
     t = cfg.trainer
-    callbacks: list[Callback] = [AtomicLastCheckpoint(run_dir.checkpoints)]
+    callbacks: list[Callback] = [AtomicLastCheckpoint(run_dir.checkpoints), *extra]
     if not cfg.tracking.progress_bar:
         callbacks.append(ProgressLines(cfg.tracking.log_every_n_steps * 5))
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,

@@ -19,6 +19,7 @@ TINY: dict[str, Any] = {
     "optim": {"epochs": 1},
     "eval": {"bank_subset": 64, "test_subset": 32, "batch_size": 32},
     "trainer": {"max_steps": 2},
+    "train": {"diagnostics_every_n_steps": 1},
     "tracking": {"progress_bar": False, "log_every_n_steps": 1},
 }
 

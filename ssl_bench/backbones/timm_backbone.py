@@ -24,18 +24,42 @@ class Features(NamedTuple):
 
 
 class Backbone(nn.Module):
-    """Wraps a classifier-free timm model; ``embed_dim`` is the CLS feature size."""
+    """Wraps a classifier-free timm model; ``embed_dim`` is the CLS feature size.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``mask_token=True`` (ViTs only) it owns iBOT's learned mask token: patch
+    embeddings selected by ``masks`` are replaced by it before the position
+    embedding, as in iBOT / DINOv2 (facebookresearch/dinov2 ``DinoVisionTransformer.prepare_tokens_with_masks``).
+    A forward hook on timm's ``patch_embed`` does the replacement, so timm's own
+    ``forward_features`` (and its gradient checkpointing) stays in charge.
+    """
+
+    def __init__(self, model: nn.Module, mask_token: bool = False) -> None:
         super().__init__()
         self.model = model
         self.embed_dim: int = model.num_features
         self.num_prefix_tokens: int = getattr(model, "num_prefix_tokens", 0)
         self.is_vit = hasattr(model, "patch_embed")
+        self.patch_size: int | None = int(model.patch_embed.patch_size[0]) if self.is_vit else None
+        self._masks: torch.Tensor | None = None
+        if mask_token:
+            if not self.is_vit:
+                raise ValueError("masked-patch (iBOT) methods need a ViT backbone with patch tokens")
+            self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
+            model.patch_embed.register_forward_hook(self._replace_masked)
 
-    def forward(self, images: torch.Tensor) -> Features:
-        """Args: images: (B, 3, H, W). Crops of one size share a call."""
-        x = self.model.forward_features(images)
+    def _replace_masked(self, module: nn.Module, inputs: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+        if self._masks is None:
+            return None
+        masks = self._masks.reshape(tokens.shape[:-1]).unsqueeze(-1)  # (B, N) -> (B, H, W, 1) or (B, N, 1)
+        return torch.where(masks, self.mask_token.to(tokens.dtype), tokens)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> Features:
+        """Args: images: (B, 3, H, W), crops of one size share a call; masks: (B, N) bool or None."""
+        self._masks = masks
+        try:
+            x = self.model.forward_features(images)
+        finally:
+            self._masks = None
         cls = self.model.forward_head(x, pre_logits=True)
         if x.ndim == 4:  # CNN feature map (B, C, H, W)
             patches = x.flatten(2).transpose(1, 2)
@@ -52,6 +76,8 @@ def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
         for key in ("patch_size", "img_size", "depth"):
             if getattr(cfg, key) is not None:
                 kwargs[key] = getattr(cfg, key)
+        if cfg.layerscale is not None:
+            kwargs["init_values"] = cfg.layerscale  # timm's LayerScale init (DINOv2: 1e-5)
     kwargs.update(cfg.kwargs)
     return kwargs
 
@@ -60,8 +86,8 @@ def is_vit_name(name: str) -> bool:
     return any(tag in name for tag in ("vit", "deit", "eva"))
 
 
-def build_backbone(cfg: BackboneConfig) -> Backbone:
-    """Create the timm model with random weights (never downloads)."""
+def build_backbone(cfg: BackboneConfig, mask_token: bool = False) -> Backbone:
+    """Create the timm model with random weights (never downloads); ``mask_token`` for iBOT."""
     if not timm.is_model(cfg.name):
         raise KeyError(unknown_choice_message("timm model", cfg.name, timm.list_models("*vit_*tiny*")
                                               + timm.list_models("resnet*")[:8]))
@@ -71,7 +97,9 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         raise ValueError(f"backbone {cfg.name!r} rejected its options {timm_kwargs(cfg)}: {exc}") from exc
     if cfg.cifar_stem:
         apply_cifar_stem(model)
-    return Backbone(model)
+    if cfg.layerscale is not None and not hasattr(model, "patch_embed"):
+        raise ValueError(f"backbone.layerscale applies to ViTs only; {cfg.name!r} has no transformer blocks")
+    return Backbone(model, mask_token=mask_token)
 
 
 def apply_cifar_stem(model: nn.Module) -> None:

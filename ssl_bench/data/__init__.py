@@ -1,4 +1,4 @@
-"""Datasets, DINO multi-crop augmentation and the SSL DataModule."""
+"""Datasets, DINO multi-crop augmentation, iBOT block masking and the SSL DataModule."""
 
 from ssl_bench.data.datasets import (
     DATASETS,
@@ -11,14 +11,17 @@ from ssl_bench.data.datasets import (
     seeded_subset,
 )
 from ssl_bench.data.fashion_mnist import DataNotFoundError, read_idx
+from ssl_bench.data.masking import BlockMaskGenerator, MaskingCollate, patch_grid, sample_masks
 from ssl_bench.data.module import SSLDataModule, eval_loaders
 from ssl_bench.data.transforms import MultiCropTransform, eval_transform
 
 __all__ = [
+    "BlockMaskGenerator",
     "DATASETS",
     "DataNotFoundError",
     "DatasetInfo",
     "DatasetSpec",
+    "MaskingCollate",
     "MultiCropTransform",
     "SSLDataModule",
     "build_dataset",
@@ -27,6 +30,8 @@ __all__ = [
     "eval_loaders",
     "eval_transform",
     "num_classes",
+    "patch_grid",
     "read_idx",
+    "sample_masks",
     "seeded_subset",
 ]

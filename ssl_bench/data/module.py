@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_bench.config import Config
 from ssl_bench.data.datasets import build_dataset, check_dataset, dataset_info, seeded_subset
+from ssl_bench.data.masking import MaskingCollate
 from ssl_bench.data.transforms import MultiCropTransform, eval_transform
 
 
@@ -19,14 +21,25 @@ class SSLDataModule(L.LightningDataModule):
 
     The training set is the seeded ``cfg.data.subset`` of the train split, each
     image turned into DINO's crops by MultiCropTransform (Caron et al. 2021).
+    With ``mask_grid``, batches gain iBOT block masks for the two global crops
+    (DINOv2, Oquab et al. 2023): ``(crops, labels, (2B, H*W) bool masks)``, see
+    MaskingCollate.
 
     Args:
-        cfg: full config; reads ``cfg.data`` and ``cfg.seed``.
+        cfg: full config; reads ``cfg.data``, ``cfg.seed`` and, when masking,
+            ``cfg.method.mask_probability`` and ``cfg.method.mask_ratio``.
+        local_crops_number: overrides ``cfg.data.local_crops_number`` (a method
+            without multi-crop passes 0); None keeps the config's.
+        mask_grid: (H, W) patch grid of a global crop; None = no masks.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, local_crops_number: Optional[int] = None,
+                 mask_grid: Optional[tuple[int, int]] = None):
         super().__init__()
         self.cfg = cfg
+        self.data_cfg = cfg.data if local_crops_number is None else dataclasses.replace(
+            cfg.data, local_crops_number=local_crops_number)
+        self.mask_grid = None if mask_grid is None else tuple(mask_grid)
         self._train_set: Optional[Dataset] = None
 
     def prepare_data(self) -> None:
@@ -40,14 +53,14 @@ class SSLDataModule(L.LightningDataModule):
     def train_set(self) -> Dataset:
         """The (subset of the) train split with the multi-crop transform, built once."""
         if self._train_set is None:
-            data = self.cfg.data
+            data = self.data_cfg
             info = dataset_info(data.name)
             full = build_dataset(data, "train", MultiCropTransform(data, info.mean, info.std))
             self._train_set = seeded_subset(full, data.subset, self.cfg.seed)
         return self._train_set
 
     def train_dataloader(self) -> DataLoader:
-        data = self.cfg.data
+        data = self.data_cfg
         return DataLoader(
             self.train_set,
             batch_size=data.batch_size,
@@ -56,7 +69,16 @@ class SSLDataModule(L.LightningDataModule):
             num_workers=data.num_workers,
             persistent_workers=data.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=self.collate_fn,
         )
+
+    @property
+    def collate_fn(self) -> Optional[MaskingCollate]:
+        """MaskingCollate when masking, else None (the DataLoader's default collate)."""
+        if self.mask_grid is None:
+            return None
+        method = self.cfg.method
+        return MaskingCollate(self.mask_grid, method.mask_probability, tuple(method.mask_ratio))
 
     @property
     def world_size(self) -> int:

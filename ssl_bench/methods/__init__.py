@@ -1,6 +1,6 @@
-"""Registered SSL methods; importing this package registers all of them."""
+"""Registered SSL methods; importing this package registers every method."""
 
+from ssl_bench.methods import dino, dinov2  # noqa: F401  (registration)
 from ssl_bench.methods.base import METHODS, SSLMethod, build_method
-from ssl_bench.methods import dino  # noqa: F401  (registers dino and its ablations)
 
 __all__ = ["METHODS", "SSLMethod", "build_method"]

@@ -7,9 +7,8 @@ the EMA update and the schedules of ``train_dino``).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -24,6 +23,14 @@ from ssl_bench.registry import Registry
 METHODS: Registry[type["SSLMethod"]] = Registry("method")
 
 
+class DiagnosticInputs(NamedTuple):
+    """Detached tensors of one step for the collapse diagnostics (see ``eval/collapse.py``)."""
+
+    targets: list[torch.Tensor]  # teacher probabilities per global view, (B, K) each
+    student_logits: list[torch.Tensor]  # student outputs per view, (B, K) each
+    teacher_cls: torch.Tensor  # (2B, D) teacher backbone CLS features of the global views
+
+
 class StudentTeacherNet(nn.Module):
     """Backbone + DINO head; crops of one resolution share one backbone call."""
 
@@ -32,8 +39,8 @@ class StudentTeacherNet(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        """Args: crops: V tensors (B, 3, H_v, W_v). Returns (V*B, K) logits in view order."""
+    def backbone_cls(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """Args: crops: V tensors (B, 3, H_v, W_v). Returns (V*B, D) CLS features in view order."""
         features = []
         start = 0
         while start < len(crops):  # group consecutive crops of the same size, as multi-crop orders them
@@ -42,25 +49,54 @@ class StudentTeacherNet(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(crops[start:end])).cls)
             start = end
-        return self.head(torch.cat(features))
+        return torch.cat(features)
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """Args: crops: V tensors (B, 3, H_v, W_v). Returns (V*B, K) logits in view order."""
+        return self.head(self.backbone_cls(crops))
 
 
-def build_net(cfg: Config, drop_path_rate: float) -> StudentTeacherNet:
-    backbone = build_backbone(dataclasses.replace(cfg.backbone, drop_path_rate=drop_path_rate))
+def build_net(cfg: Config, drop_path_rate: float, mask_token: bool = False) -> StudentTeacherNet:
+    backbone = build_backbone(dataclasses.replace(cfg.backbone, drop_path_rate=drop_path_rate), mask_token)
     m = cfg.method
     head = DINOHead(backbone.embed_dim, m.out_dim, m.head_hidden_dim, m.head_bottleneck_dim,
                     m.head_nlayers, m.norm_last_layer)
     return StudentTeacherNet(backbone, head)
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on weights only; none on biases and norm parameters (ndim == 1)."""
-    decay, no_decay = [], []
+# Backbone parameters that sit before block 0 (DINOv2 ``get_vit_lr_decay_rate`` gives them layer 0).
+EMBEDDING_PARAMS = (".pos_embed", ".patch_embed", ".mask_token", ".cls_token", ".reg_token")
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for block i, num_layers + 1 for the final norm and the heads."""
+    if name.startswith("backbone."):
+        if any(tag in name for tag in EMBEDDING_PARAMS):
+            return 0
+        if ".blocks." in name:
+            return int(name.split(".blocks.")[1].split(".")[0]) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0,
+                 num_layers: int = 0) -> list[dict[str, Any]]:
+    """Parameter groups carrying ``lr_scale`` and ``apply_wd``.
+
+    No weight decay on biases and norm/LayerScale parameters (ndim == 1), as DINO's
+    ``get_params_groups``; layer-wise lr decay ``decay^(num_layers + 1 - layer_id)`` and the
+    patch-embedding multiplier as DINOv2 (facebookresearch/dinov2 ``utils/param_groups.py``).
+    """
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        apply_wd = not (name.endswith(".bias") or p.ndim == 1)
+        scale = layerwise_decay ** (num_layers + 1 - vit_layer_id(name, num_layers)) if num_layers else 1.0
+        if ".patch_embed" in name:
+            scale *= patch_embed_lr_mult
+        groups.setdefault((apply_wd, scale), []).append(p)
+    return [{"params": params, "apply_wd": wd, "lr_scale": scale, "weight_decay": 0.0}
+            for (wd, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 @torch.no_grad()
@@ -86,16 +122,26 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 class SSLMethod(L.LightningModule):
     """Base for student/teacher methods; subclasses write ``training_step`` like the paper."""
 
+    # What the data pipeline must deliver to this method (train.py reads these).
+    uses_local_crops = True  # False: 2 global views only, data.local_crops_number is ignored
+    uses_masks = False  # True: batches carry iBOT block masks for the global views
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.cfg = cfg
         self.automatic_optimization = False  # the step below is DINO's algorithm box
-        self.student = build_net(cfg, cfg.backbone.drop_path_rate)
-        self.teacher = build_net(cfg, 0.0)  # the official teacher has no stochastic depth
+        self.student = build_net(cfg, cfg.backbone.drop_path_rate, mask_token=self.uses_masks)
+        self.teacher = build_net(cfg, 0.0, mask_token=self.uses_masks)  # the official teacher has no drop path
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        o = cfg.optim
+        if (o.layerwise_decay != 1.0 or o.patch_embed_lr_mult != 1.0) and not self.student.backbone.is_vit:
+            raise ValueError("optim.layerwise_decay and optim.patch_embed_lr_mult apply to ViT backbones only; "
+                             f"{cfg.backbone.name!r} has no transformer blocks")
         self.steps_per_epoch = 1
         self.total_steps = 1
+        self.diagnostics_wanted = False  # set by the diagnostics callback on the steps it samples
+        self.diagnostic_inputs: DiagnosticInputs | None = None
 
     # ----- schedules: functions of the global step -------------------------------
     def on_train_start(self) -> None:
@@ -110,7 +156,7 @@ class SSLMethod(L.LightningModule):
 
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
-        base = schedules.scaled_lr(o.lr, self.total_batch_size())
+        base = schedules.scaled_lr(o.lr, self.total_batch_size(), o.lr_scaling)
         return schedules.cosine(step, self.total_steps, base, o.min_lr, self.epochs_to_steps(o.warmup_epochs))
 
     def weight_decay_at(self, step: int) -> float:
@@ -128,14 +174,19 @@ class SSLMethod(L.LightningModule):
 
     # ----- optimisation helpers ---------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(param_groups(self.student), lr=0.0)
+        o = self.cfg.optim
+        backbone = self.student.backbone.model
+        depth = len(backbone.blocks) if hasattr(backbone, "blocks") else 0
+        groups = param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult, depth)
+        if o.optimizer == "sgd":  # DINO's ResNet-50 recipe: SGD with momentum 0.9
+            return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=0.0)
 
     def set_optimizer_schedule(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         lr, wd = self.lr_at(step), self.weight_decay_at(step)
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr
-            if i == 0:  # only the regularised group decays
-                group["weight_decay"] = wd
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
         return {"lr": lr, "wd": wd}
 
     def optimize(self, loss: torch.Tensor, step: int) -> dict[str, float]:
@@ -146,10 +197,23 @@ class SSLMethod(L.LightningModule):
         self.manual_backward(loss)
         clip_per_parameter(list(self.student.parameters()), self.cfg.optim.clip_grad)
         if step < self.epochs_to_steps(self.cfg.method.freeze_last_layer_epochs):
-            for p in self.student.head.last_layer.parameters():
-                p.grad = None  # prototypes stay fixed in the first epoch(s)
+            for name, p in self.student.named_parameters():
+                if ".last_layer." in name:  # every head's prototypes stay fixed in the first epoch(s)
+                    p.grad = None
         opt.step()
         return values
+
+    # ----- collapse diagnostics (DINO Fig. 7) ------------------------------------------
+    def offer_diagnostics(self, targets: list[torch.Tensor], student_logits: list[torch.Tensor],
+                          teacher_cls: torch.Tensor) -> None:
+        """Hand this step's tensors to the diagnostics callback when it asked for them.
+
+        Args: targets: teacher probabilities per global view, (B, K) each; student_logits:
+        per view, (B, K) each; teacher_cls: (2B, D) teacher backbone CLS of the global views.
+        """
+        if self.diagnostics_wanted:
+            self.diagnostic_inputs = DiagnosticInputs([t.detach() for t in targets],
+                                                      [s.detach() for s in student_logits], teacher_cls.detach())
 
     def eval_backbone(self) -> Backbone:
         """The network evaluated by k-NN: the teacher backbone, as in DINO."""

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 MISSING = "missing"
+COLLAPSE_FIELDS = ("collapsed", "collapse_step", "collapse_reason", "stopped_early")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -38,6 +39,9 @@ def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
             row[key] = value
         for key, value in ((result or {}).get("timing") or {}).items():
             row[f"timing.{key}"] = value
+        for key, value in ((result or {}).get("collapse") or {}).items():
+            if key in COLLAPSE_FIELDS:
+                row[f"collapse.{key}"] = value
         git = env.get("git") or {}
         row["git_sha"] = git.get("sha")
         row["git_dirty"] = git.get("dirty")

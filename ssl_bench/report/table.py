@@ -9,6 +9,9 @@ import pandas as pd
 
 COMPLETED = "completed"
 DEFAULT_METRICS = (("knn_top1", "k-NN top-1 (%)"), ("knn_top1_init", "k-NN top-1 at init (%)"))
+# Collapse diagnostics at the last measured step (DINO Fig. 7), shown when the runs have them.
+DIAGNOSTIC_METRICS = (("teacher_entropy_last", "teacher entropy (nats)"), ("kl_teacher_student_last", "KL(t‖s) (nats)"),
+                      ("rankme_last", "RankMe"))
 
 
 def mean_std(values: pd.Series, digits: int = 2) -> str:
@@ -25,9 +28,22 @@ def minutes(values: pd.Series) -> str:
     return "—" if values.empty else f"{values.mean() / 60:.1f}"
 
 
+def collapsed(done: pd.DataFrame) -> str:
+    """``n/m`` runs flagged collapsed, with the steps where it happened."""
+    flags = done["collapse.collapsed"].fillna(False).astype(bool)
+    steps = ", ".join(str(int(s)) for s in done.loc[flags, "collapse.collapse_step"].dropna())
+    return f"{int(flags.sum())}/{len(done)}" + (f" (step {steps})" if steps else "")
+
+
 def summary_table(df: pd.DataFrame, rows: Sequence[str],
                   metrics: Sequence[tuple[str, str]] = DEFAULT_METRICS) -> pd.DataFrame:
-    """One line per combination of ``rows`` values: completed/expected runs, metric mean ± std, wall time."""
+    """One line per combination of ``rows`` values: completed/expected runs, metric mean ± std, wall time.
+
+    Metrics no run has (e.g. k-NN at init when it was switched off) are left out; collapse
+    diagnostics and the collapse flag are added when the runs recorded them.
+    """
+    metrics = [(m, t) for m, t in metrics if m in df and df[m].notna().any()]
+    metrics += [(m, t) for m, t in DIAGNOSTIC_METRICS if m in df and df[m].notna().any()]
     lines = []
     for key, group in df.groupby(list(rows), sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -36,6 +52,8 @@ def summary_table(df: pd.DataFrame, rows: Sequence[str],
         line["runs"] = f"{len(done)}/{len(group)}"
         for metric, title in metrics:
             line[title] = mean_std(done[metric]) if metric in done else "—"
+        if "collapse.collapsed" in done:
+            line["collapsed"] = collapsed(done)
         line["wall time (min)"] = minutes(done["timing.wall_s"]) if "timing.wall_s" in done else "—"
         lines.append(line)
     return pd.DataFrame(lines)

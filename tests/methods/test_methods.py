@@ -1,6 +1,7 @@
 """Every registered method trains 2 CPU steps on synthetic images and writes a complete run directory."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -23,8 +24,14 @@ def test_method_trains_two_steps_and_writes_run_dir(name, tiny_tree):
     env = json.loads((d / "env.json").read_text())
     assert {"git", "versions", "hardware", "seed", "world_size"} <= set(env) and env["seed"] == cfg.seed
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "train/loss" in x] == [0, 1]
-    assert {"train/loss", "train/lr", "train/wd", "train/momentum", "train/teacher_temp"} <= set(lines[0])
+    train_lines = [x for x in lines if "train/loss" in x]
+    assert [x["step"] for x in train_lines] == [0, 1]
+    assert {"train/loss", "train/lr", "train/wd", "train/momentum", "train/teacher_temp"} <= set(train_lines[0])
+    diagnostics = [x for x in lines if "collapse/teacher_entropy" in x]
+    assert [x["step"] for x in diagnostics] == [0, 1]  # tiny config: every step
+    log_k = math.log(cfg.method.out_dim)
+    assert all(0 <= x["collapse/teacher_entropy"] <= log_k + 1e-4 and x["collapse/kl_teacher_student"] >= -1e-5
+               and 1 <= x["collapse/rankme"] <= 16 and x["collapse/feature_std"] > 0 for x in diagnostics)
     assert (d / "checkpoints" / "last.ckpt").stat().st_size > 0
     res = json.loads((d / "result.json").read_text())
     assert res["status"] == "completed" and res["method"] == name and res["study"] == cfg.study
@@ -32,6 +39,8 @@ def test_method_trains_two_steps_and_writes_run_dir(name, tiny_tree):
     for key in ("wall_s", "train_images_per_s", "peak_rss_mb"):
         assert res["timing"][key] > 0
     assert res["protocol"]["knn"]["k"] == 20
+    assert res["collapse"]["collapsed"] in (True, False) and res["collapse"]["log_k"] == pytest.approx(log_k, abs=1e-4)
+    assert res["metrics"]["teacher_entropy_last"] == pytest.approx(diagnostics[-1]["collapse/teacher_entropy"], abs=1e-4)
 
 
 def _step(method, crops):
@@ -39,7 +48,9 @@ def _step(method, crops):
     opt = method.configure_optimizers()
     method.optimizers = lambda: _Opt(opt)
     method.manual_backward = lambda loss: loss.backward()
-    method.log = method.log_dict = lambda *a, **k: None
+    for name in ("log", "log_dict"):
+        if name not in vars(method):  # a test may capture logs itself
+            setattr(method, name, lambda *a, **k: None)
     method.total_steps, method.steps_per_epoch = 10, 5
     method.total_batch_size = lambda: 4
     return method.training_step((crops, torch.zeros(4)), 0)

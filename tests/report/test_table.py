@@ -47,3 +47,26 @@ def test_single_run_has_no_std(tmp_path):
     row = summary_table(df, ["method"]).iloc[0]
     assert row["k-NN top-1 (%)"] == "75.50" and row["k-NN top-1 at init (%)"] == "70.25"
     assert isinstance(df, pd.DataFrame)
+
+
+def test_collapse_diagnostics_and_flag_columns(tmp_path):
+    runs = []
+    for i, (entropy, kl, flag, step) in enumerate([(0.10, 0.30, True, 80), (0.20, 0.50, True, 120),
+                                                   (4.0, 1.0, False, None)]):
+        run = make_run(tmp_path, f"r{i}", "dino_no_centering" if i < 2 else "dino", i, knn=50.0 + i)
+        record = json.loads((run["run_dir"] / "result.json").read_text())
+        record["metrics"].update(teacher_entropy_last=entropy, kl_teacher_student_last=kl, rankme_last=3.0)
+        record["collapse"] = {"collapsed": flag, "collapse_step": step, "collapse_reason": "r" if flag else None,
+                              "stopped_early": None, "last": {}}
+        (run["run_dir"] / "result.json").write_text(json.dumps(record))
+        runs.append(run)
+    table = summary_table(collect(runs), ["method"]).set_index("method")
+    assert table.loc["dino_no_centering", "teacher entropy (nats)"] == "0.15 ± 0.07"
+    assert table.loc["dino_no_centering", "KL(t‖s) (nats)"] == "0.40 ± 0.14"
+    assert table.loc["dino_no_centering", "collapsed"] == "2/2 (step 80, 120)"
+    assert table.loc["dino", "collapsed"] == "0/1"
+    # metrics no run recorded (k-NN at init here) are left out rather than shown as empty columns
+    assert "k-NN top-1 at init (%)" not in table.columns
+    plain = summary_table(collect([make_run(tmp_path / "x", "q", "dino", 0, knn=1.0, init=2.0)]), ["method"])
+    assert "KL(t‖s) (nats)" not in plain.columns and "collapsed" not in plain.columns
+    assert "k-NN top-1 at init (%)" in plain.columns

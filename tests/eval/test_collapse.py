@@ -1,0 +1,61 @@
+"""Collapse diagnostics on hand-computable inputs, and the collapse flag's window."""
+
+import math
+
+import pytest
+import torch
+
+from ssl_bench.eval.collapse import (REASON_ENTROPY_UNIFORM, REASON_ENTROPY_ZERO, REASON_KL_ZERO, CollapseMonitor,
+                                     feature_std, kl_teacher_student, rankme, target_entropy)
+
+
+def test_entropy_of_uniform_one_hot_and_a_two_point_distribution():
+    assert target_entropy(torch.full((3, 8), 1 / 8)) == pytest.approx(math.log(8), abs=1e-6)
+    assert target_entropy(torch.eye(4)) == pytest.approx(0.0, abs=1e-6)
+    p = torch.tensor([[0.25, 0.75]])
+    assert target_entropy(p) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
+
+
+def test_kl_over_cross_view_pairs():
+    t = [torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])]
+    # student view 1 is uniform, view 0 is softmax([ln 9, 0] * 0.1 / 0.1) = (0.9, 0.1), view 2 uniform
+    s = [torch.tensor([[math.log(9.0) * 0.1, 0.0]]), torch.zeros(1, 2), torch.zeros(1, 2)]
+    kl = kl_teacher_student(t, s, 0.1)
+
+    def kl_(p, q):
+        return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+    pairs = [kl_([0.5, 0.5], [0.5, 0.5]), kl_([0.5, 0.5], [0.5, 0.5]),  # teacher 0 vs students 1, 2
+             kl_([0.9, 0.1], [0.9, 0.1]), kl_([0.9, 0.1], [0.5, 0.5])]  # teacher 1 vs students 0, 2
+    assert kl == pytest.approx(sum(pairs) / 4, abs=1e-6)
+    assert kl_teacher_student([t[0]], [t[0].log(), t[0].log()], 1.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rankme_of_full_rank_and_rank_one_embeddings():
+    assert rankme(torch.eye(5) * 3) == pytest.approx(5.0, rel=1e-4)
+    assert rankme(torch.ones(10, 4)) == pytest.approx(1.0, rel=1e-3)
+    # singular values (2, 1): p = (2/3, 1/3), exp(H(p)) by hand
+    h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert rankme(torch.diag(torch.tensor([2.0, 1.0]))) == pytest.approx(math.exp(h), rel=1e-4)
+
+
+def test_feature_std_is_zero_for_identical_and_positive_for_spread_features():
+    assert feature_std(torch.ones(6, 3) * torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.0, abs=1e-6)
+    spread = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # std per dim (unbiased): sqrt(2), 0
+    assert feature_std(spread) == pytest.approx(math.sqrt(2) / 2, abs=1e-6)
+
+
+def test_monitor_needs_a_sustained_window_and_records_its_first_step():
+    m = CollapseMonitor(num_prototypes=100, tolerance=0.02, window=3, kl_threshold=0.03)  # tol * log K = 0.092
+    log_k = math.log(100)
+    assert m.signs(0.05, 1.0) == [REASON_ENTROPY_ZERO]
+    assert m.signs(log_k - 0.05, 0.02) == [REASON_ENTROPY_UNIFORM, REASON_KL_ZERO]
+    assert m.signs(log_k - 0.1, 0.04) == []
+    assert m.signs(2.0, 0.5) == []
+    history = [(0, 2.0, 0.5), (10, 0.05, 0.5), (20, 0.05, 0.5), (30, 2.0, 0.5),  # streak broken at 30
+               (40, 0.01, 0.5), (50, 0.01, 0.5)]
+    assert not any(m.update(*h) for h in history)
+    assert m.update(60, 0.02, 0.5)
+    assert (m.collapsed_step, m.reason) == (40, REASON_ENTROPY_ZERO)
+    assert m.update(70, 2.0, 0.5)  # once collapsed, the flag stays
+    assert m.summary()["collapse_step"] == 40 and m.summary()["collapsed"]
