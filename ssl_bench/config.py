@@ -141,7 +141,8 @@ class TrainConfig:
     diagnostics_every_n_steps: int = 10  # entropy, KL, RankMe, feature std; 0 = off
     stop_on_collapse: bool = False  # end a collapsed run early (recorded in result.json)
     collapse_window: int = 5  # consecutive diagnostics that must agree before a run is called collapsed
-    collapse_tolerance: float = 0.02  # entropy within tolerance * log K of 0 or of log K
+    collapse_entropy_low: float = 0.1  # entropy <= this * log K: one prototype dominates
+    collapse_entropy_high: float = 0.98  # entropy >= this * log K: uniform targets
     collapse_kl: float = 0.02  # KL(teacher || student) below this many nats
 
 
@@ -310,10 +311,11 @@ def check_values(cfg: Config) -> None:
     if not 0 <= lo <= hi < 1 or not 0 <= cfg.method.mask_probability <= 1:
         raise ConfigError(f"method.mask_ratio must be [low, high] with 0 <= low <= high < 1 and "
                           f"method.mask_probability in [0, 1], got {[lo, hi]} and {cfg.method.mask_probability}")
-    if cfg.train.collapse_window < 1 or not 0 < cfg.train.collapse_tolerance < 1 or cfg.train.collapse_kl < 0:
-        raise ConfigError("train.collapse_window must be >= 1, train.collapse_tolerance in (0, 1) and "
-                          f"train.collapse_kl >= 0, got {cfg.train.collapse_window}, "
-                          f"{cfg.train.collapse_tolerance} and {cfg.train.collapse_kl}")
+    t = cfg.train
+    if t.collapse_window < 1 or not 0 <= t.collapse_entropy_low < t.collapse_entropy_high <= 1 or t.collapse_kl < 0:
+        raise ConfigError("train.collapse_window must be >= 1, 0 <= train.collapse_entropy_low < "
+                          "train.collapse_entropy_high <= 1 and train.collapse_kl >= 0, got "
+                          f"{t.collapse_window}, {t.collapse_entropy_low}, {t.collapse_entropy_high}, {t.collapse_kl}")
     positive = {"data.batch_size": cfg.data.batch_size, "optim.epochs": cfg.optim.epochs,
                 "method.out_dim": cfg.method.out_dim, "data.global_crop_size": cfg.data.global_crop_size,
                 "trainer.devices": cfg.trainer.devices, "trainer.num_nodes": cfg.trainer.num_nodes,

@@ -78,8 +78,9 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
         timing["knn_init_s"] = round(time.time() - t0, 2)
 
     diagnostics = CollapseDiagnostics(cfg.train.diagnostics_every_n_steps,
-                                      CollapseMonitor(cfg.method.out_dim, cfg.train.collapse_tolerance,
-                                                      cfg.train.collapse_window, cfg.train.collapse_kl),
+                                      CollapseMonitor(cfg.method.out_dim, cfg.train.collapse_entropy_low,
+                                                      cfg.train.collapse_entropy_high, cfg.train.collapse_kl,
+                                                      cfg.train.collapse_window),
                                       cfg.train.stop_on_collapse)
     trainer = build_trainer(cfg, run_dir, [diagnostics])
     t0 = time.time()
@@ -199,10 +200,16 @@ def validate_config(cfg: config_lib.Config, label: str = "config", check_data: b
         raise config_lib.ConfigError(f"{label}: {exc}") from exc
     try:
         with torch.device("meta"):  # builds the modules without allocating weights
-            build_method(cfg)
+            method = build_method(cfg)
     except Exception as exc:
         raise config_lib.ConfigError(f"{label}: cannot build method {cfg.method.name!r} with backbone "
                                      f"{cfg.backbone.name!r}: {exc}") from exc
+    if method.uses_masks:
+        try:
+            patch_grid(cfg.data.global_crop_size, method.student.backbone.patch_size)
+        except ValueError as exc:
+            raise config_lib.ConfigError(f"{label}: method {cfg.method.name!r} masks patches of the global crops, "
+                                         f"but data.global_crop_size / backbone.patch_size: {exc}") from exc
     if check_data:
         try:
             check_dataset(cfg.data)

@@ -47,3 +47,7 @@ def test_plan_launch_table_end_to_end(tmp_path, tiny_tree, capsys):
     assert out_md.read_text() == table
     assert main(["grid", "launch", str(study)]) == 0
     assert "2 skipped" in capsys.readouterr().out
+    png = tmp_path / "curves.png"
+    assert main(["results", "curves", str(study), "--every", "1", "--plot", str(png)]) == 0
+    curves = capsys.readouterr().out
+    assert "collapse/teacher_entropy" in curves and "dino_no_centering" in curves and png.stat().st_size > 1000

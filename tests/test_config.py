@@ -80,4 +80,4 @@ def test_run_id_is_pinned():
     assert config_lib.run_id(cfg) == PINNED_DEFAULT_RUN_ID
 
 
-PINNED_DEFAULT_RUN_ID = "dino-88b7781f"
+PINNED_DEFAULT_RUN_ID = "dino-1e4acb5a"

@@ -46,9 +46,10 @@ def test_feature_std_is_zero_for_identical_and_positive_for_spread_features():
 
 
 def test_monitor_needs_a_sustained_window_and_records_its_first_step():
-    m = CollapseMonitor(num_prototypes=100, tolerance=0.02, window=3, kl_threshold=0.03)  # tol * log K = 0.092
+    # log 100 = 4.605: entropy <= 0.461 is "dominated", >= 4.513 is "uniform"
+    m = CollapseMonitor(num_prototypes=100, entropy_low=0.1, entropy_high=0.98, kl_threshold=0.03, window=3)
     log_k = math.log(100)
-    assert m.signs(0.05, 1.0) == [REASON_ENTROPY_ZERO]
+    assert m.signs(0.45, 1.0) == [REASON_ENTROPY_ZERO] and m.signs(0.47, 1.0) == []
     assert m.signs(log_k - 0.05, 0.02) == [REASON_ENTROPY_UNIFORM, REASON_KL_ZERO]
     assert m.signs(log_k - 0.1, 0.04) == []
     assert m.signs(2.0, 0.5) == []

@@ -184,3 +184,17 @@ def test_stop_on_collapse_ends_the_run_and_records_why(tiny_tree):
     off_record = json.loads((off.run_dir / "result.json").read_text())
     assert off_record["timing"]["train_steps"] == 2 and off_record["collapse"]["collapsed"]
     assert off_record["collapse"]["stopped_early"] is None
+
+
+def test_validation_rejects_masks_that_do_not_tile_the_crop(tiny_tree):
+    cfg = config_lib.build_config(tiny_tree, {"method": {"name": "dinov2"}, "data": {"global_crop_size": 18}})
+    with pytest.raises(config_lib.ConfigError, match="data.global_crop_size.*not a multiple of the patch size 4"):
+        train.validate_config(cfg, check_data=False)
+    train.validate_config(config_lib.build_config(tiny_tree, {"method": {"name": "dinov2"}}), check_data=False)
+    cnn_tree = {**tiny_tree, "backbone": {"name": "resnet18", "cifar_stem": True}}
+    resnet = config_lib.build_config(cnn_tree, {"method": {"name": "ibot"}})
+    with pytest.raises(config_lib.ConfigError, match="need a ViT backbone"):
+        train.validate_config(resnet, check_data=False)
+    decay = config_lib.build_config(cnn_tree, {"optim": {"layerwise_decay": 0.9}})
+    with pytest.raises(config_lib.ConfigError, match="ViT backbones only"):
+        train.validate_config(decay, check_data=False)

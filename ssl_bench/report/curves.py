@@ -1,0 +1,100 @@
+"""Metric curves from ``metrics.jsonl``: per-arm tables by step and a figure (e.g. DINO Fig. 7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+METRICS_FILE = "metrics.jsonl"  # the run directory's per-step log (see ssl_bench.tracking)
+DEFAULT_CURVES = ("collapse/teacher_entropy", "collapse/kl_teacher_student")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Lines of a JSONL file; a missing file or a torn last line (a run still writing) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def collect_curves(expected: Iterable[dict[str, Any]], metrics: Sequence[str]) -> pd.DataFrame:
+    """Long table: one row per (run, logged step) holding any of ``metrics``.
+
+    Args:
+        expected: dicts with ``run_id``, ``run_dir``, ``seed`` and ``axes``, as for ``collect``.
+        metrics: metric names as written in metrics.jsonl.
+    """
+    rows = []
+    for run in expected:
+        for record in read_jsonl(Path(run["run_dir"]) / METRICS_FILE):
+            values = {m: record[m] for m in metrics if record.get(m) is not None}
+            if values and record.get("step") is not None:
+                rows.append({"run_id": run["run_id"], "seed": run["seed"], **run["axes"],
+                             "step": int(record["step"]), **values})
+    return pd.DataFrame(rows)
+
+
+def arm_label(row: pd.Series, axes: Sequence[str]) -> str:
+    return ", ".join(str(row[a]) for a in axes)
+
+
+def curve_table(curves: pd.DataFrame, axes: Sequence[str], metric: str, every: int = 50) -> pd.DataFrame:
+    """Mean over seeds of ``metric`` at every ``every``-th step (and the last), one column per arm."""
+    data = curves.dropna(subset=[metric]).copy()
+    if data.empty:
+        return pd.DataFrame()
+    data["arm"] = data.apply(arm_label, axis=1, axes=axes)
+    last = int(data["step"].max())
+    keep = data[(data["step"] % max(every, 1) == 0) | (data["step"] == last)]
+    table = keep.pivot_table(index="step", columns="arm", values=metric, aggfunc="mean", sort=False)
+    arms = list(dict.fromkeys(data["arm"]))  # study order, not alphabetical
+    return table[[a for a in arms if a in table.columns]].round(3)
+
+
+def markdown_curves(curves: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str], every: int) -> str:
+    parts = []
+    for metric in metrics:
+        if metric not in curves:
+            parts.append(f"### {metric}\n\nno run logged `{metric}`")
+            continue
+        seeds = curves.dropna(subset=[metric]).groupby(list(axes))["seed"].nunique()
+        note = f"mean over {seeds.min()}–{seeds.max()} seeds" if seeds.min() != seeds.max() else \
+            f"mean over {seeds.min()} seed(s)"
+        table = curve_table(curves, axes, metric, every)
+        parts.append(f"### {metric} ({note})\n\n" + table.to_markdown())
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_curves(curves: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str], path: str | Path,
+                title: str = "") -> None:
+    """One panel per metric, one line per arm (mean over seeds, band = min..max over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, panels = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    data = curves.copy()
+    data["arm"] = data.apply(arm_label, axis=1, axes=axes)
+    for ax, metric in zip(panels[0], metrics):
+        for arm, group in data.dropna(subset=[metric]).groupby("arm", sort=False):
+            stats = group.groupby("step")[metric].agg(["mean", "min", "max"])
+            ax.plot(stats.index, stats["mean"], label=arm)
+            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_title(metric)
+    panels[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
