@@ -39,6 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     train.validate_config(cfg, f"run {run_id}")
     print(f"[ssl-bench] run {run_id} -> {Path(cfg.tracking.runs_root) / cfg.study / run_id}", flush=True)
     result = train.run(cfg, force=args.force)
+    if not result.is_main:
+        return 0  # rank 0 reports for the whole DDP run
     if result.skipped:
         print(f"[ssl-bench] {run_id} already completed; nothing recomputed (use --force to run it again; "
               f"the earlier attempt is kept under attempts/)")

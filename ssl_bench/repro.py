@@ -81,3 +81,18 @@ def environment(seed: int, world_size: int) -> dict[str, Any]:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def launch_rank(devices_per_node: int = 1) -> int:
+    """Global rank of this process as its launcher set it, before torch.distributed starts.
+
+    Lightning's DDP launcher re-runs the command with ``NODE_RANK``/``LOCAL_RANK`` set;
+    torchrun sets ``RANK``; SLURM sets ``SLURM_PROCID``. 0 when none is set (one process).
+    """
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    local = os.environ.get("LOCAL_RANK", "")
+    if local.isdigit():
+        return int(os.environ.get("NODE_RANK", "0") or 0) * devices_per_node + int(local)
+    return 0

@@ -33,6 +33,7 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # completed earlier; nothing was recomputed
+    is_main: bool = True  # False on the other ranks of a DDP run, which write no records
 
 
 def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
@@ -43,6 +44,10 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     if previous and previous.get("status") == tracking.STATUS_COMPLETED and not force:
         return RunResult(run_id, directory, tracking.STATUS_COMPLETED, previous.get("metrics", {}),
                          previous.get("timing", {}), skipped=True)
+    if repro.launch_rank(cfg.trainer.devices) != 0:
+        # Another DDP rank: rank 0 owns the run directory (archive, config, env, result.json).
+        metrics, timing, _ = _train_and_evaluate(cfg, tracking.RunDir(directory))
+        return RunResult(run_id, directory, tracking.STATUS_COMPLETED, metrics, timing, is_main=False)
     if directory.exists():
         tracking.archive_previous_attempt(directory)
     run_dir = tracking.RunDir(directory)
