@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ssl_bench.losses import Centering, NoCentering, dino_cross_entropy, sinkhorn_knopp, teacher_targets
 from ssl_bench.config import Config
+from ssl_bench.losses import Centering, NoCentering, dino_cross_entropy, sinkhorn_knopp, teacher_targets
 from ssl_bench.methods.base import METHODS, SSLMethod, ema_update
 
 NUM_GLOBAL_CROPS = 2

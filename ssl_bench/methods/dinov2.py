@@ -29,7 +29,7 @@ class DINOv2(DINOSinkhorn):
         super().__init__(cfg)
         m = cfg.method
         self.patch_dim = m.ibot_out_dim or m.out_dim
-        if m.ibot_separate_head:
+        if m.ibot_separate_head and self.uses_masks:  # without masks no patch is predicted: no head to add
             for net in (self.student, self.teacher):
                 net.ibot_head = DINOHead(net.backbone.embed_dim, self.patch_dim, m.head_hidden_dim,
                                          m.head_bottleneck_dim, m.head_nlayers, m.norm_last_layer)
@@ -50,22 +50,17 @@ class DINOv2(DINOSinkhorn):
             teacher = self.teacher.backbone(global_views)
             teacher_logits = self.teacher.head(teacher.cls)
             targets = self.teacher_probs(teacher_logits, teacher_temp).chunk(NUM_GLOBAL_CROPS)
-            teacher_patch_logits = patch_head(self.teacher)(teacher.patches[masks])  # (M, K_p)
-            patch_targets = self.patch_probs(teacher_patch_logits, teacher_temp)
         student = self.student.backbone(global_views, masks=masks)
         local_cls = [self.student.backbone_cls(crops[NUM_GLOBAL_CROPS:])] if len(crops) > NUM_GLOBAL_CROPS else []
         student_logits = self.student.head(torch.cat([student.cls, *local_cls])).chunk(len(crops))
-        student_patch_logits = patch_head(self.student)(student.patches[masks])
 
         loss_dino = dino_cross_entropy(targets, student_logits, m.student_temp)
-        loss_ibot = self.ibot_loss(student_patch_logits, patch_targets, masks)
+        loss_ibot = self.ibot_loss(teacher.patches, student.patches, masks, teacher_temp)
         loss_koleo = self.koleo_loss(student.cls)
         loss = loss_dino + m.ibot_weight * loss_ibot + m.koleo_weight * loss_koleo
 
         schedule = self.optimize(loss, step)
         self.centering.update(teacher_logits)
-        if teacher_patch_logits.shape[0]:
-            self.patch_centering.update(teacher_patch_logits)
         momentum = self.momentum_at(step)
         ema_update(self.teacher, self.student, momentum)
 
@@ -73,19 +68,32 @@ class DINOv2(DINOSinkhorn):
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({"train/loss_dino": loss_dino, "train/loss_ibot": loss_ibot, "train/loss_koleo": loss_koleo,
                        "train/lr": schedule["lr"], "train/wd": schedule["wd"], "train/momentum": momentum,
-                       "train/teacher_temp": teacher_temp, "train/masked_patches": float(masks.sum())})
+                       "train/teacher_temp": teacher_temp,
+                       "train/masked_patches": float(masks.sum()) if masks is not None else 0.0})
         return loss
 
     # ----- hooks the ablations override --------------------------------------------
-    def masks_of(self, batch: tuple) -> torch.Tensor:
+    def masks_of(self, batch: tuple) -> torch.Tensor | None:
         return batch[2].bool()
 
     def patch_probs(self, teacher_patch_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """(M, K_p) targets of the masked patches: Sinkhorn-Knopp over all masked patches."""
         return sinkhorn_knopp(teacher_patch_logits, teacher_temp, self.cfg.method.sinkhorn_iterations)
 
-    def ibot_loss(self, student_patch_logits: torch.Tensor, patch_targets: torch.Tensor,
-                  masks: torch.Tensor) -> torch.Tensor:
+    def ibot_loss(self, teacher_patches: torch.Tensor, student_patches: torch.Tensor, masks: torch.Tensor,
+                  teacher_temp: float) -> torch.Tensor:
+        """Masked-patch distillation; only the masked patches go through the heads.
+
+        Args: teacher_patches, student_patches: (2B, N, D) backbone patch tokens of the global views
+        (the student's with mask tokens); masks: (2B, N) bool. The patch center is updated once this
+        step's targets exist, which is equivalent to updating it after the loss (it is not used again).
+        """
+        with torch.no_grad():
+            teacher_patch_logits = patch_head(self.teacher)(teacher_patches[masks])  # (M, K_p)
+            patch_targets = self.patch_probs(teacher_patch_logits, teacher_temp)
+            if teacher_patch_logits.shape[0]:
+                self.patch_centering.update(teacher_patch_logits)
+        student_patch_logits = patch_head(self.student)(student_patches[masks])
         return ibot_masked_patch_loss(student_patch_logits, patch_targets, masks, self.cfg.method.student_temp)
 
     def koleo_loss(self, student_global_cls: torch.Tensor) -> torch.Tensor:
@@ -108,15 +116,12 @@ class DINOv2NoKoLeo(DINOv2):
 class DINOv2NoIBOT(DINOv2):
     uses_masks = False
 
-    def masks_of(self, batch: tuple) -> torch.Tensor:
-        crops = batch[0]
-        grid = crops[0].shape[-1] // self.student.backbone.patch_size
-        return torch.zeros(NUM_GLOBAL_CROPS * crops[0].shape[0], grid * grid, dtype=torch.bool,
-                           device=crops[0].device)  # no patch is masked, so no patch is predicted
+    def masks_of(self, batch: tuple) -> None:
+        return None  # the student sees the global views unmasked
 
-    def ibot_loss(self, student_patch_logits: torch.Tensor, patch_targets: torch.Tensor,
-                  masks: torch.Tensor) -> torch.Tensor:
-        return student_patch_logits.new_zeros(())
+    def ibot_loss(self, teacher_patches: torch.Tensor, student_patches: torch.Tensor, masks: None,
+                  teacher_temp: float) -> torch.Tensor:
+        return student_patches.new_zeros(())
 
 
 @METHODS.register("dinov2_no_sinkhorn", "DINOv2-style minus Sinkhorn-Knopp: centering for CLS and patch targets")
