@@ -1,11 +1,11 @@
-"""Lightning callbacks of a run: atomic checkpoints, plain progress lines, collapse diagnostics."""
+"""Lightning callbacks of a run: atomic checkpoints, plain progress lines, collapse diagnostics, online k-NN."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -107,3 +107,29 @@ def measure(targets: list[torch.Tensor], student_logits: list[torch.Tensor], tea
             tracking.KL_TEACHER_STUDENT: collapse.kl_teacher_student(targets, student_logits, student_temp),
             tracking.RANKME: collapse.rankme(teacher_cls),
             tracking.FEATURE_STD: collapse.feature_std(teacher_cls)}
+
+
+class OnlineKNN(Callback):
+    """k-NN of the teacher backbone every N epochs during training (not after the last: the final eval does it).
+
+    ``evaluate(backbone) -> metrics`` is the run's k-NN protocol; every rank calls it (the bank is
+    sharded under DDP). Values are logged as ``knn/top1``, ``knn/top5`` and ``knn/k{k}_top1`` at the
+    current global step, so ``ssl-bench results curves --metric knn/top1`` draws accuracy over training.
+    """
+
+    def __init__(self, every_n_epochs: int, evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> None:
+        self.every = every_n_epochs
+        self.evaluate = evaluate
+        self.history: list[tuple[int, float]] = []  # (step, top-1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every or epoch >= trainer.max_epochs or trainer.should_stop:
+            return
+        metrics = self.evaluate(pl_module.eval_backbone())
+        values = {tracking.ONLINE_KNN_PREFIX + key.removeprefix("knn_"): value for key, value in metrics.items()}
+        self.history.append((trainer.global_step, metrics["knn_top1"]))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, trainer.global_step)
+            print(f"[ssl-bench] online k-NN after epoch {epoch}: top-1 {metrics['knn_top1']:.2f}%", flush=True)

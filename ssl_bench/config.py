@@ -122,6 +122,31 @@ class EvalConfig:
     test_subset: Optional[int] = None  # seeded subset of the test split
     batch_size: int = 256
     chunk_size: int = 1024  # test features scored at once
+    knn_every_n_epochs: int = 0  # online k-NN during training every N epochs; 0 = only at the end
+    knn_fp16_bank: bool = False  # keep the k-NN feature bank in float16 (half the memory)
+    knn_bank_block: Optional[int] = None  # score the bank in blocks of this many rows; None = whole bank
+    cache_features: bool = False  # save the final k-NN features in the run dir (features/) for later evals
+
+
+# DINOv2's linear-probe learning rates (facebookresearch/dinov2 eval/linear.py), scaled by batch / 256.
+DINOV2_LINEAR_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
+
+
+@dataclass
+class LinearConfig:
+    """Linear-probe protocol on frozen features (DINO Sec. 4.1 / App.; DINOv2's grid of heads)."""
+
+    lrs: list[float] = field(default_factory=lambda: list(DINOV2_LINEAR_LRS))  # at batch 256
+    n_last_blocks: list[int] = field(default_factory=lambda: [1, 4])  # ViTs: CLS of the last n blocks, concatenated
+    avgpool: list[bool] = field(default_factory=lambda: [False, True])  # ViTs: also the mean patch token
+    epochs: int = 10
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # held-out share of the train split used to choose the head (never the test set)
+    augment: bool = True  # RandomResizedCrop + flip through the frozen backbone; false = precomputed features
+    train_subset: Optional[int] = None  # seeded subset of the train split (before the held-out split)
+    test_subset: Optional[int] = None
 
 
 @dataclass
@@ -165,6 +190,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -174,8 +200,12 @@ WANDB_MODES = ("off", "offline", "online")
 LR_SCALING_RULES = ("linear_256", "sqrt_1024")
 OPTIMIZERS = ("adamw", "sgd")
 # Keys that do not change what is computed, so they stay out of the run id.
+# Evaluation-only settings (online k-NN cadence, bank precision and blocks, feature cache, the linear
+# probe run by ``ssl-bench eval linear``) change no trained weight; each evaluation records them in
+# result.json's protocol instead.
 UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "trainer.num_threads",
-                 "train.diagnostics_every_n_steps")
+                 "train.diagnostics_every_n_steps", "eval.knn_every_n_epochs", "eval.knn_fp16_bank",
+                 "eval.knn_bank_block", "eval.cache_features", "linear")
 BASE_KEY = "base"  # a config file may name another file it extends
 
 
@@ -200,7 +230,8 @@ def check_keys(tree: dict[str, Any], schema: type = Config, prefix: str = "", so
 
 def _dataclass_of(type_name: Any) -> Optional[type]:
     classes = {c.__name__: c for c in (AugConfig, DataConfig, BackboneConfig, MethodConfig,
-                                       OptimConfig, EvalConfig, TrainerConfig, TrainConfig, TrackingConfig)}
+                                       OptimConfig, EvalConfig, LinearConfig, TrainerConfig, TrainConfig,
+                                       TrackingConfig)}
     if isinstance(type_name, str):
         return classes.get(type_name)
     return type_name if dataclasses.is_dataclass(type_name) else None
@@ -331,6 +362,19 @@ def check_values(cfg: Config) -> None:
         lo, hi = get_dotted(cfg, key)
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"{key} must be [low, high] with 0 < low <= high <= 1, got {[lo, hi]}")
+    for key in ("linear.train_subset", "linear.test_subset", "eval.knn_bank_block"):
+        value = get_dotted(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive number or null, got {value}")
+    lin = cfg.linear
+    if not lin.lrs or not lin.n_last_blocks or not lin.avgpool or min(lin.n_last_blocks) < 1:
+        raise ConfigError(f"linear.lrs, linear.n_last_blocks (each >= 1) and linear.avgpool must be non-empty "
+                          f"lists, got {lin.lrs}, {lin.n_last_blocks}, {lin.avgpool}")
+    if not 0 < lin.val_fraction < 1 or lin.epochs < 1 or lin.batch_size < 1:
+        raise ConfigError(f"linear.val_fraction must be in (0, 1) and linear.epochs, linear.batch_size >= 1, "
+                          f"got {lin.val_fraction}, {lin.epochs}, {lin.batch_size}")
+    if cfg.eval.knn_every_n_epochs < 0:
+        raise ConfigError(f"eval.knn_every_n_epochs must be >= 0, got {cfg.eval.knn_every_n_epochs}")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
         raise ConfigError(f"eval.knn_report_k={cfg.eval.knn_report_k} must be one of eval.knn_k={cfg.eval.knn_k}")
 

@@ -35,3 +35,44 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return tensor
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous rows ``[start, stop)`` of ``n`` that ``rank`` owns; sizes differ by at most one, may be empty.
+
+    The first ``n % world`` ranks get one extra row (37 rows on 2 ranks: 19 + 18).
+    """
+    if world < 1 or not 0 <= rank < world or n < 0:
+        raise ValueError(f"shard_range needs n >= 0 and 0 <= rank < world, got n={n}, rank={rank}, world={world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Where a collective on ``tensor`` must run: NCCL only moves CUDA tensors, gloo takes CPU ones."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0 in rank order; sizes along dim 0 may differ.
+
+    Trailing dimensions and dtype must agree across ranks. Identity in one process. Rows are
+    padded to the largest size for the collective (which needs equal shapes) and trimmed after.
+    """
+    if not is_distributed():
+        return tensor
+    device = _comm_device(tensor)
+    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    torch_dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]), device=device)
+    if padded.numel() == 0:  # nothing anywhere: skip the collective, which rejects empty buffers
+        return tensor.new_zeros((sum(counts), *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in counts]
+    torch_dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)]).to(tensor.device)

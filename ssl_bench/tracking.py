@@ -38,6 +38,11 @@ STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 
 KNN_TOP1 = "knn_top1"
+# Online k-NN during training (eval.knn_every_n_epochs): knn/top1, knn/top5, knn/k{k}_top1 by step.
+ONLINE_KNN_PREFIX = "knn/"
+ONLINE_KNN_TOP1 = "knn/top1"
+EVALS_DIR = "evals"  # post-hoc evaluations (ssl-bench eval ...): one JSON record each
+FEATURES_DIR = "features"  # cached frozen features, keyed by weights + data + preprocessing
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,7 +69,7 @@ def archive_previous_attempt(directory: Path) -> Path | None:
 
     Checkpoints stay in place so a later resume can use them.
     """
-    names = [n for n in (CONFIG_FILE, ENV_FILE, METRICS_FILE, RESULT_FILE) if (directory / n).exists()]
+    names = [n for n in (CONFIG_FILE, ENV_FILE, METRICS_FILE, RESULT_FILE, EVALS_DIR) if (directory / n).exists()]
     if not names:
         return None
     attempts = directory / ATTEMPTS_DIR
@@ -92,6 +97,28 @@ class RunDir:
 
     def write_result(self, result: Mapping[str, Any]) -> None:
         write_json(self.path / RESULT_FILE, result)
+
+
+def record_eval(directory: Path, eval_id: str, record: Mapping[str, Any]) -> Path:
+    """Store a post-hoc evaluation: ``evals/<eval_id>.json`` and ``result.json["evals"][eval_id]``.
+
+    The training record (status, metrics, protocol) is never modified; earlier evaluations stay
+    (the same ``eval_id`` — same kind, protocol and weights — is replaced by its rerun). A lock file
+    serialises concurrent evaluations of one run directory.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    (directory / EVALS_DIR).mkdir(parents=True, exist_ok=True)
+    path = directory / EVALS_DIR / f"{eval_id}.json"
+    write_json(path, record)
+    with open(directory / ".result.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = read_result(directory)
+        if result is not None:
+            result.setdefault("evals", {})[eval_id] = dict(record)
+            write_json(directory / RESULT_FILE, result)
+    return path
 
 
 class JsonlLogger(Logger):

@@ -15,13 +15,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ssl_bench import config as config_lib
-from ssl_bench import repro, tracking
-from ssl_bench.callbacks import AtomicLastCheckpoint, CollapseDiagnostics, ProgressLines
-from ssl_bench.data import SSLDataModule, eval_loaders, num_classes
+from ssl_bench import dist, repro, tracking
+from ssl_bench.callbacks import AtomicLastCheckpoint, CollapseDiagnostics, OnlineKNN, ProgressLines
+from ssl_bench.data import SSLDataModule
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
-from ssl_bench.eval.features import extract_features
-from ssl_bench.eval.knn import knn_accuracies
+from ssl_bench.eval.features import FeatureCache, weights_sha256
+from ssl_bench.eval.knn_protocol import run_knn
 from ssl_bench.methods import build_method
 
 
@@ -46,7 +46,7 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
                          previous.get("timing", {}), skipped=True)
     if repro.launch_rank(cfg.trainer.devices) != 0:
         # Another DDP rank: rank 0 owns the run directory (archive, config, env, result.json).
-        metrics, timing, _ = _train_and_evaluate(cfg, tracking.RunDir(directory))
+        metrics, timing, _, _ = _train_and_evaluate(cfg, tracking.RunDir(directory))
         return RunResult(run_id, directory, tracking.STATUS_COMPLETED, metrics, timing, is_main=False)
     if directory.exists():
         tracking.archive_previous_attempt(directory)
@@ -56,7 +56,7 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed}
     started = time.time()
     try:
-        metrics, timing, diagnostics = _train_and_evaluate(cfg, run_dir)
+        metrics, timing, diagnostics, protocol = _train_and_evaluate(cfg, run_dir)
     except BaseException as exc:
         run_dir.write_result({**record, "status": tracking.STATUS_FAILED,
                               "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
@@ -64,11 +64,11 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
         raise
     timing["wall_s"] = round(time.time() - started, 2)
     run_dir.write_result({**record, "status": tracking.STATUS_COMPLETED, "metrics": metrics, "timing": timing,
-                          "collapse": diagnostics, "protocol": knn_protocol(cfg)})
+                          "collapse": diagnostics, "protocol": protocol})
     return RunResult(run_id, directory, tracking.STATUS_COMPLETED, metrics, timing)
 
 
-def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tuple[dict, dict, dict]:
+def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tuple[dict, dict, dict, dict]:
     repro.seed_everything(cfg.seed)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -77,9 +77,11 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
     metrics: dict[str, Any] = {}
     timing: dict[str, float] = {}
 
+    protocol: dict[str, Any] = {}
     if cfg.eval.knn and cfg.eval.knn_init:
         t0 = time.time()
-        metrics.update(knn_metrics(cfg, method.eval_backbone(), suffix="_init"))
+        values, protocol["knn"] = knn_metrics(cfg, method.eval_backbone(), suffix="_init")
+        metrics.update(values)
         timing["knn_init_s"] = round(time.time() - t0, 2)
 
     diagnostics = CollapseDiagnostics(cfg.train.diagnostics_every_n_steps,
@@ -87,7 +89,11 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
                                                       cfg.train.collapse_entropy_high, cfg.train.collapse_kl,
                                                       cfg.train.collapse_window),
                                       cfg.train.stop_on_collapse)
-    trainer = build_trainer(cfg, run_dir, [diagnostics])
+    extra: list[Callback] = [diagnostics]
+    if cfg.eval.knn and cfg.eval.knn_every_n_epochs:
+        extra.append(OnlineKNN(cfg.eval.knn_every_n_epochs,
+                               lambda backbone: knn_metrics(cfg, backbone, suffix="")[0]))
+    trainer = build_trainer(cfg, run_dir, extra)
     t0 = time.time()
     trainer.fit(method, datamodule=datamodule)
     train_s = time.time() - t0
@@ -97,12 +103,13 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
     metrics["train_loss_last"] = _last_logged(trainer, "train/loss")
     metrics.update({f"{name}_last": value for name, value in diagnostics.last.items() if name != "collapsed"})
 
-    if cfg.eval.knn and trainer.is_global_zero:
+    if cfg.eval.knn:  # every rank: under DDP each extracts its share and holds its shard of the bank
         t0 = time.time()
-        metrics.update(knn_metrics(cfg, method.eval_backbone(), suffix=""))
+        values, protocol["knn"] = knn_metrics(cfg, method.eval_backbone(), suffix="", run_dir=run_dir.path)
+        metrics.update(values)
         timing["knn_s"] = round(time.time() - t0, 2)
     timing["peak_rss_mb"] = round(repro.peak_rss_mb(), 1)
-    return metrics, timing, diagnostics.summary()
+    return metrics, timing, diagnostics.summary(), protocol
 
 
 def build_datamodule(cfg: config_lib.Config, method: torch.nn.Module) -> SSLDataModule:
@@ -140,26 +147,22 @@ def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[
                      default_root_dir=str(run_dir.path), num_sanity_val_steps=0)
 
 
-def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str) -> dict[str, float]:
-    """k-NN top-1/top-5 for every k in cfg.eval.knn_k; ``knn_top1{suffix}`` is the reported k."""
-    bank_loader, test_loader = eval_loaders(cfg)
-    label = "init" if suffix else "trained"
-    print(f"[ssl-bench] k-NN ({label} teacher backbone): {len(bank_loader.dataset)} bank / "
-          f"{len(test_loader.dataset)} test images", flush=True)
-    bank, bank_labels = extract_features(backbone, bank_loader, progress=_progress(cfg, "bank features"))
-    test, test_labels = extract_features(backbone, test_loader, progress=_progress(cfg, "test features"))
-    accs = knn_accuracies(bank, bank_labels, test, test_labels, list(cfg.eval.knn_k),
-                          cfg.eval.knn_temperature, num_classes(cfg.data), cfg.eval.chunk_size)
-    out = {f"{tracking.KNN_TOP1}{suffix}": accs[cfg.eval.knn_report_k]["top1"],
-           f"knn_top5{suffix}": accs[cfg.eval.knn_report_k]["top5"]}
-    for k, acc in accs.items():
-        out[f"knn_k{k}_top1{suffix}"] = acc["top1"]
-    print(f"[ssl-bench] k-NN ({label}) k={cfg.eval.knn_report_k} top-1 = {out[tracking.KNN_TOP1 + suffix]:.2f}%",
-          flush=True)
-    return out
+def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str,
+                run_dir: Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """k-NN top-1/top-5 for every k in cfg.eval.knn_k (``knn_top1{suffix}`` at the reported k) and the protocol.
+
+    With ``eval.cache_features`` the trained backbone's features are kept in ``<run_dir>/features``,
+    keyed by a hash of the weights, so later ``ssl-bench eval knn`` calls reuse them.
+    """
+    cache = weights = None
+    if cfg.eval.cache_features and run_dir is not None and not suffix:
+        cache, weights = FeatureCache(run_dir / "features"), weights_sha256(backbone)
+    outcome = run_knn(cfg, backbone, suffix, cache, weights, progress=lambda label: feature_progress(cfg, label),
+                      log=lambda line: print(line, flush=True) if dist.rank() == 0 else None)
+    return outcome.metrics, outcome.protocol
 
 
-def _progress(cfg: config_lib.Config, label: str):
+def feature_progress(cfg: config_lib.Config, label: str):
     """A progress callback for feature extraction (a tqdm bar), or None when bars are off."""
     if not cfg.tracking.progress_bar:
         return None
@@ -176,15 +179,6 @@ def _progress(cfg: config_lib.Config, label: str):
             bar.close()
 
     return update
-
-
-def knn_protocol(cfg: config_lib.Config) -> dict[str, Any]:
-    """How the k-NN numbers were computed, stored next to them."""
-    return {"knn": {"k": cfg.eval.knn_report_k, "ks": list(cfg.eval.knn_k), "temperature": cfg.eval.knn_temperature,
-                    "features": "teacher backbone CLS (pooled for CNNs), L2-normalised",
-                    "bank": f"{cfg.data.name} train" + (f" subset {cfg.eval.bank_subset}" if cfg.eval.bank_subset else ""),
-                    "test": f"{cfg.data.name} test" + (f" subset {cfg.eval.test_subset}" if cfg.eval.test_subset else ""),
-                    "eval_resize": cfg.data.eval_resize, "eval_crop_size": cfg.data.eval_crop_size}}
 
 
 def _last_logged(trainer: L.Trainer, key: str) -> float | None:

@@ -44,3 +44,9 @@ def test_two_process_run_writes_one_record(tmp_path, tiny_tree):
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in json.loads(x)]
     assert steps == [0, 1, 2]  # one line per step: only rank 0 logs
+    # The final k-NN ran sharded (each rank held half the bank); one process over the whole bank agrees.
+    assert result["protocol"]["knn"]["ranks"] == 2
+    single = subprocess.run([sys.executable, "-m", "ssl_bench.cli", "eval", "knn", str(run_dir), "--device", "cpu",
+                             "--no-cache"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert f"top-1 {result['metrics']['knn_top1']:.2f}%" in single.stdout

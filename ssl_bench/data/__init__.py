@@ -13,7 +13,7 @@ from ssl_bench.data.datasets import (
 from ssl_bench.data.fashion_mnist import DataNotFoundError, read_idx
 from ssl_bench.data.masking import BlockMaskGenerator, MaskingCollate, patch_grid, sample_masks
 from ssl_bench.data.module import SSLDataModule, eval_loaders
-from ssl_bench.data.transforms import MultiCropTransform, eval_transform
+from ssl_bench.data.transforms import MultiCropTransform, eval_transform, linear_train_transform
 
 __all__ = [
     "BlockMaskGenerator",
@@ -29,6 +29,7 @@ __all__ = [
     "dataset_info",
     "eval_loaders",
     "eval_transform",
+    "linear_train_transform",
     "num_classes",
     "patch_grid",
     "read_idx",

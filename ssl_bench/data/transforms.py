@@ -127,3 +127,17 @@ def eval_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float])
         T.CenterCrop(cfg.eval_crop_size),
         *_normalize(mean, std),
     ])
+
+
+def linear_train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Linear-probe training augmentation: RandomResizedCrop ``eval_crop_size`` (bicubic), flip, normalise.
+
+    As DINO's ``eval_linear.py`` (RandomResizedCrop(224), RandomHorizontalFlip, normalise) with the
+    torchvision default scale (0.08, 1) and the crop size from the config.
+    Output: (3, eval_crop_size, eval_crop_size) float tensor.
+    """
+    return T.Compose([
+        T.RandomResizedCrop(cfg.eval_crop_size, interpolation=InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        *_normalize(mean, std),
+    ])

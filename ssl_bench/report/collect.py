@@ -42,9 +42,36 @@ def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
         for key, value in ((result or {}).get("collapse") or {}).items():
             if key in COLLAPSE_FIELDS:
                 row[f"collapse.{key}"] = value
+        row.update(latest_eval_metrics(result or {}, row))
         git = env.get("git") or {}
         row["git_sha"] = git.get("sha")
         row["git_dirty"] = git.get("dirty")
-        row["protocol"] = json.dumps((result or {}).get("protocol"), sort_keys=True) if result else None
+        protocol = dict((result or {}).get("protocol") or {})
+        for kind, entry in latest_evals(result or {}).items():
+            protocol.setdefault(kind, entry.get("protocol"))
+        row["protocol"] = json.dumps(protocol, sort_keys=True) if result else None
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def latest_evals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The most recent post-hoc evaluation (``ssl-bench eval``) of each kind in a result.json."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in (result.get("evals") or {}).values():
+        kind = entry.get("kind")
+        if kind and str(entry.get("created", "")) >= str(latest.get(kind, {}).get("created", "")):
+            latest[kind] = entry
+    return latest
+
+
+def latest_eval_metrics(result: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of the latest evaluation of each kind that the training record does not already hold.
+
+    Training metrics are never replaced: a post-hoc k-NN with another protocol stays in ``evals``.
+    """
+    out: dict[str, Any] = {}
+    for entry in latest_evals(result).values():
+        for key, value in (entry.get("metrics") or {}).items():
+            if key not in row and value is not None:
+                out[key] = value
+    return out

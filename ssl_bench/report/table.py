@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 COMPLETED = "completed"
-DEFAULT_METRICS = (("knn_top1", "k-NN top-1 (%)"), ("knn_top1_init", "k-NN top-1 at init (%)"))
+DEFAULT_METRICS = (("knn_top1", "k-NN top-1 (%)"), ("knn_top1_init", "k-NN top-1 at init (%)"),
+                   ("linear_top1", "linear top-1 (%)"))
 # Collapse diagnostics at the last measured step (DINO Fig. 7), shown when the runs have them.
 DIAGNOSTIC_METRICS = (("teacher_entropy_last", "teacher entropy (nats)"), ("kl_teacher_student_last", "KL(t‖s) (nats)"),
                       ("rankme_last", "RankMe"))
@@ -75,10 +76,24 @@ def provenance(df: pd.DataFrame, study: str) -> list[str]:
     lines = [f"study `{study}`: {len(done)} of {len(df)} runs completed",
              f"code: git {', '.join(shas) if shas else 'unknown'}"]
     for p in protocols:
-        knn = (json.loads(p) or {}).get("knn")
-        if knn:
-            lines.append(f"k-NN protocol: k={knn['k']}, T={knn['temperature']}, {knn['features']}; "
-                         f"bank = {knn['bank']}; test = {knn['test']}")
+        lines += protocol_lines(json.loads(p) or {})
+    return list(dict.fromkeys(lines))  # runs of one study share protocols: say each once
+
+
+def protocol_lines(protocol: dict[str, Any]) -> list[str]:
+    """One footer line per evaluation protocol recorded with the numbers."""
+    lines = []
+    knn = protocol.get("knn")
+    if knn:
+        lines.append(f"k-NN protocol: k={knn['k']}, T={knn['temperature']}, {knn['features']}; "
+                     f"bank = {knn['bank']}; test = {knn['test']}")
+    lin = protocol.get("linear")
+    if lin:
+        lines.append(f"linear protocol: {lin.get('heads', '?')} heads ({len(lin.get('lrs', []))} lrs x n_last_blocks "
+                     f"{lin.get('n_last_blocks')} x avgpool {lin.get('avgpool')}), {lin.get('epochs')} epochs, "
+                     f"SGD momentum {lin.get('momentum')}, wd {lin.get('weight_decay')}, "
+                     f"{'RandomResizedCrop + flip' if lin.get('augment') else 'precomputed features (no augmentation)'}; "
+                     f"head chosen on {lin.get('selection', 'a held-out split')}")
     return lines
 
 

@@ -1,0 +1,160 @@
+"""k-NN with the bank sharded over 2 gloo processes == the same k-NN in one process on the whole bank.
+
+One module-scoped fixture spawns 2 CPU ranks once (gloo, file:// rendezvous under a tmp dir), as in
+``tests/losses/test_distributed.py``. Each rank holds only its contiguous rows of the bank and the
+full test set; it first searches its shard without a process group (the negative control), then
+with ``sharded=True`` inside the group, and ``torch.save``s both. The parent compares with a
+single-process run. Cases: an uneven 19/18 split (``shard_range``), a 3/34 split where rank 0's
+shard is smaller than k, an empty shard, an fp16 bank with blocks, and exact ties (lattice
+features, duplicate rows with other labels placed on the other rank).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from ssl_bench import dist
+from ssl_bench.eval.knn import knn_accuracies, knn_neighbours, shard_range
+
+pytestmark = pytest.mark.ddp
+
+WORLD_SIZE = 2
+N_BANK, N_TEST, CLASSES, TEMPERATURE = 37, 13, 5, 0.07
+KS = [1, 5, 10, 50]  # 50 > bank size: capped at 37
+SPAWN_DEADLINE_S = 120.0  # hard cap so that a deadlock fails the test instead of hanging it
+# name -> (split: rows [start, stop) per rank, features, chunk_size, bank_block, fp16_bank)
+CASES = {
+    "shard_range 19/18": ([shard_range(N_BANK, r, WORLD_SIZE) for r in range(WORLD_SIZE)], "gaussian", 4, None, False),
+    "3/34, shard < k, blocks": ([(0, 3), (3, 37)], "gaussian", 5, 7, False),
+    "empty shard": ([(0, 0), (0, 37)], "gaussian", 1024, None, False),
+    "fp16 bank, blocks": ([(0, 19), (19, 37)], "gaussian", 3, 8, True),
+    "exact ties": ([(0, 19), (19, 37)], "lattice", 4, 5, False),
+}
+
+
+def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bank, bank labels, test, test labels); the same on every process."""
+    gen = torch.Generator().manual_seed(11)
+    if kind == "gaussian":
+        bank, test = torch.randn(N_BANK, 8, generator=gen), torch.randn(N_TEST, 8, generator=gen)
+    else:  # 4 entries of +-1: every similarity is a multiple of 0.25, exact in any summation order
+        signs = torch.randint(0, 2, (N_BANK + N_TEST, 8), generator=gen).float() * 2 - 1
+        mask = torch.rand(N_BANK + N_TEST, 8, generator=gen).argsort(dim=1) < 4
+        bank, test = (signs * mask).split([N_BANK, N_TEST])
+        bank = bank.clone()
+        bank[30:34] = bank[2:6]  # duplicates on rank 1 of rows on rank 0 ...
+    labels = torch.randint(0, CLASSES, (N_BANK,), generator=gen)
+    if kind == "lattice":
+        labels[30:34] = (labels[2:6] + 1) % CLASSES  # ... with other labels, so the tie rule matters
+    return bank, labels, test, torch.randint(0, CLASSES, (N_TEST,), generator=gen)
+
+
+def _compute(rank: int) -> dict[str, Any]:
+    """Every case on this rank's shard; collectives run iff a process group is initialised."""
+    out = {"world_size": dist.world_size(), "rank": dist.rank()}
+    for name, (split, kind, chunk, block, fp16) in CASES.items():
+        bank, labels, test, test_labels = _data(kind)
+        lo, hi = split[rank]
+        if hi == lo and not dist.is_distributed():  # an empty bank alone cannot be searched
+            out[name] = None
+            continue
+        kwargs = {"bank_block": block, "fp16_bank": fp16, "sharded": True}
+        out[name] = {"neighbours": knn_neighbours(bank[lo:hi], labels[lo:hi], test, max(KS), chunk, **kwargs),
+                     "accs": knn_accuracies(bank[lo:hi], labels[lo:hi], test, test_labels, KS, TEMPERATURE,
+                                            CLASSES, chunk, **kwargs)}
+    return out
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    local = _compute(rank)  # negative control: no process group, each rank sees only its shard
+    torch_dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD_SIZE,
+                                  timeout=datetime.timedelta(seconds=60))
+    try:
+        distributed = _compute(rank)
+        torch_dist.barrier()
+    finally:
+        torch_dist.destroy_process_group()
+    torch.save({"local": local, "distributed": distributed}, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _spawn(out_dir: Path) -> None:
+    """Run ``_worker`` on 2 spawned ranks; child exceptions are re-raised here with their traceback."""
+    context = mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{WORLD_SIZE} gloo ranks did not finish within {SPAWN_DEADLINE_S}s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("knn_ddp")
+    _spawn(out_dir)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+
+
+def _reference(name: str) -> dict[str, Any]:
+    """One process, whole bank, same chunking, blocks and dtype."""
+    assert not dist.is_distributed()
+    _, kind, chunk, block, fp16 = CASES[name]
+    bank, labels, test, test_labels = _data(kind)
+    kwargs = {"bank_block": block, "fp16_bank": fp16}
+    return {"neighbours": knn_neighbours(bank, labels, test, max(KS), chunk, **kwargs),
+            "accs": knn_accuracies(bank, labels, test, test_labels, KS, TEMPERATURE, CLASSES, chunk, **kwargs)}
+
+
+def test_ranks_really_ran_distributed(ranks):
+    for r, result in enumerate(ranks):
+        assert (result["distributed"]["rank"], result["distributed"]["world_size"]) == (r, WORLD_SIZE)
+        assert (result["local"]["rank"], result["local"]["world_size"]) == (0, 1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_rank_equals_the_single_process_result(ranks, name):
+    ref = _reference(name)
+    exact_sims = CASES[name][1] == "lattice"
+    for r in range(WORLD_SIZE):
+        got = ranks[r]["distributed"][name]
+        assert got["neighbours"].indices.tolist() == ref["neighbours"].indices.tolist(), f"rank {r} indices"
+        assert got["neighbours"].labels.tolist() == ref["neighbours"].labels.tolist(), f"rank {r} labels"
+        if exact_sims:
+            assert torch.equal(got["neighbours"].sims, ref["neighbours"].sims), f"rank {r} sims"
+        else:  # other matmul shapes may round a dot product differently by ~1 ulp
+            torch.testing.assert_close(got["neighbours"].sims, ref["neighbours"].sims, atol=1e-6, rtol=0)
+        assert got["accs"] == ref["accs"], f"rank {r} accuracies"
+    assert ref["neighbours"].indices.shape == (N_TEST, N_BANK)  # k = 50 capped at the global bank size
+
+
+def test_exact_tie_case_really_has_cross_rank_ties():
+    """The duplicates of rows 2..5 (rank 0) at rows 30..33 (rank 1) tie, and the lower index comes first."""
+    ref = _reference("exact ties")["neighbours"]
+    for row_idx, row_sims in zip(ref.indices.tolist(), ref.sims.tolist()):
+        pos = {j: p for p, j in enumerate(row_idx)}
+        for j in range(2, 6):
+            assert row_sims[pos[j]] == row_sims[pos[j + 28]] and pos[j] < pos[j + 28]
+
+
+def test_negative_control_shards_alone_differ(ranks):
+    """Without a process group a rank sees only its shard (local indices): the comparison must notice."""
+    for name in CASES:
+        ref = _reference(name)
+        for r in range(WORLD_SIZE):
+            local = ranks[r]["local"][name]
+            if local is None or CASES[name][0][r] == (0, N_BANK):  # empty shard, or the whole bank
+                continue
+            assert local["neighbours"].indices.tolist() != ref["neighbours"].indices.tolist(), (name, r)
