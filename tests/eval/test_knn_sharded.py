@@ -11,17 +11,13 @@ features, duplicate rows with other labels placed on the other rank).
 
 from __future__ import annotations
 
-import datetime
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 
 from ssl_bench import dist
+from tests.gloo_ranks import run_ranks
 from ssl_bench.eval.knn import knn_accuracies, knn_neighbours, shard_range
 
 pytestmark = pytest.mark.ddp
@@ -29,7 +25,6 @@ pytestmark = pytest.mark.ddp
 WORLD_SIZE = 2
 N_BANK, N_TEST, CLASSES, TEMPERATURE = 37, 13, 5, 0.07
 KS = [1, 5, 10, 50]  # 50 > bank size: capped at 37
-SPAWN_DEADLINE_S = 120.0  # hard cap so that a deadlock fails the test instead of hanging it
 # name -> (split: rows [start, stop) per rank, features, chunk_size, bank_block, fp16_bank)
 CASES = {
     "shard_range 19/18": ([shard_range(N_BANK, r, WORLD_SIZE) for r in range(WORLD_SIZE)], "gaussian", 4, None, False),
@@ -73,39 +68,10 @@ def _compute(rank: int) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    local = _compute(rank)  # negative control: no process group, each rank sees only its shard
-    torch_dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD_SIZE,
-                                  timeout=datetime.timedelta(seconds=60))
-    try:
-        distributed = _compute(rank)
-        torch_dist.barrier()
-    finally:
-        torch_dist.destroy_process_group()
-    torch.save({"local": local, "distributed": distributed}, Path(out_dir) / f"rank{rank}.pt")
-
-
-def _spawn(out_dir: Path) -> None:
-    """Run ``_worker`` on 2 spawned ranks; child exceptions are re-raised here with their traceback."""
-    context = mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{WORLD_SIZE} gloo ranks did not finish within {SPAWN_DEADLINE_S}s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("knn_ddp")
-    _spawn(out_dir)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return run_ranks(_compute, out_dir, WORLD_SIZE)
 
 
 def _reference(name: str) -> dict[str, Any]:

@@ -8,17 +8,13 @@ control), then joins the group and computes the same things again; it ``torch.sa
 
 from __future__ import annotations
 
-import datetime
-import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 
 from ssl_bench import dist
+from tests.gloo_ranks import run_ranks
 from ssl_bench.losses import Centering, sinkhorn_knopp
 
 pytestmark = pytest.mark.ddp
@@ -31,7 +27,6 @@ ATOL = 1e-6
 # Rows of the global batch owned by each rank.
 EQUAL_SPLIT = [(0, 4), (4, 8)]
 UNEQUAL_SPLIT = [(0, 3), (3, 8)]
-SPAWN_DEADLINE_S = 120.0  # hard cap so that a deadlock fails the test instead of hanging it
 
 
 def _global_batches() -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,42 +57,10 @@ def _compute(rank: int) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    # Negative control: the same calls before any process group exists (each rank alone).
-    local = _compute(rank)
-    torch_dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        distributed = _compute(rank)
-        torch_dist.barrier()
-    finally:
-        torch_dist.destroy_process_group()
-    torch.save({"local": local, "distributed": distributed}, Path(out_dir) / f"rank{rank}.pt")
-
-
-def _spawn(out_dir: Path) -> None:
-    """Run ``_worker`` on 2 spawned ranks; child exceptions are re-raised here with their traceback."""
-    context = mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not context.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{WORLD_SIZE} gloo ranks did not finish within {SPAWN_DEADLINE_S}s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("ddp")
-    _spawn(out_dir)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    return run_ranks(_compute, out_dir, WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")
