@@ -163,9 +163,10 @@ def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str,
 
 
 def feature_progress(cfg: config_lib.Config, label: str):
-    """A progress callback for feature extraction (a tqdm bar), or None when bars are off."""
+    """A progress callback for feature extraction: a tqdm bar, or with bars off (batch jobs) a plain
+    line at every 10% of the batches, so a long extraction is never silent."""
     if not cfg.tracking.progress_bar:
-        return None
+        return _progress_lines(f"k-NN {label}") if dist.rank() == 0 else None
     from tqdm import tqdm
 
     bar = None
@@ -177,6 +178,19 @@ def feature_progress(cfg: config_lib.Config, label: str):
         bar.update(1)
         if done == total:
             bar.close()
+
+    return update
+
+
+def _progress_lines(label: str):
+    start = time.time()
+
+    def update(done: int, total: int) -> None:
+        step = max(total // 10, 1)
+        if total > 0 and (done % step == 0 or done == total):
+            elapsed = time.time() - start
+            eta = elapsed / done * (total - done)
+            print(f"[ssl-bench] {label}: {done}/{total} batches, {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
 
     return update
 
