@@ -120,7 +120,6 @@ class OnlineKNN(Callback):
     def __init__(self, every_n_epochs: int, evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> None:
         self.every = every_n_epochs
         self.evaluate = evaluate
-        self.history: list[tuple[int, float]] = []  # (step, top-1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -128,7 +127,6 @@ class OnlineKNN(Callback):
             return
         metrics = self.evaluate(pl_module.eval_backbone())
         values = {tracking.ONLINE_KNN_PREFIX + key.removeprefix("knn_"): value for key, value in metrics.items()}
-        self.history.append((trainer.global_step, metrics["knn_top1"]))
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, trainer.global_step)

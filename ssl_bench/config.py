@@ -416,6 +416,13 @@ def run_id(cfg: Config) -> str:
     return f"{cfg.method.name}-{config_hash(cfg)}"
 
 
+# The run directory's layout (DESIGN.md §1), here so that lower modules (backbones' checkpoint
+# import) and tracking.py, which writes it, share one definition.
+RUN_CONFIG_FILE = "config.yaml"
+RUN_CHECKPOINT_DIR = "checkpoints"
+RUN_LAST_CHECKPOINT = "last.ckpt"
+
+
 def run_dir(cfg: Config) -> Path:
     """``<runs_root>/<study>/<run_id>``: where a run's records live."""
     return Path(cfg.tracking.runs_root) / cfg.study / run_id(cfg)

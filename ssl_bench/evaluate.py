@@ -174,7 +174,6 @@ def timed(start: float) -> dict[str, float]:
 # ----- the four protocols -------------------------------------------------------------------
 def eval_knn(target: Target, device: torch.device, use_cache: bool = True) -> dict[str, Any]:
     """DINO k-NN of the target's backbone on ``cfg.data``; features cached under the record dir."""
-    from ssl_bench.eval.features import weights_sha256
     from ssl_bench.eval.knn_protocol import run_knn
     from ssl_bench.train import feature_progress
 
@@ -182,7 +181,7 @@ def eval_knn(target: Target, device: torch.device, use_cache: bool = True) -> di
     start = time.time()
     target.backbone.to(device)
     outcome = run_knn(target.cfg, target.backbone, cache=target.cache if use_cache else None,
-                      weights=weights_sha256(target.backbone), device=device,
+                      weights=target.info.weights_sha256, device=device,
                       progress=lambda label: feature_progress(target.cfg, label),
                       log=lambda line: print(line, flush=True))
     path = record(target, "knn", outcome.metrics, outcome.protocol, {**outcome.timing, **timed(start)},
@@ -265,7 +264,7 @@ def _collapse_of_run(target: Target, device: torch.device, batches: int) -> tupl
 def _collapse_of_backbone(target: Target, device: torch.device) -> tuple[dict, dict]:
     from ssl_bench.data import eval_loaders
     from ssl_bench.eval import collapse
-    from ssl_bench.eval.features import cached_features, weights_sha256
+    from ssl_bench.eval.features import cached_features
     from ssl_bench.eval.knn_protocol import feature_spec
 
     check_eval_size(target)
@@ -273,7 +272,7 @@ def _collapse_of_backbone(target: Target, device: torch.device) -> tuple[dict, d
     target.backbone.to(device)
     _, test_loader = eval_loaders(cfg)
     features, _, _ = cached_features(target.backbone, test_loader, feature_spec(cfg, "test", cfg.eval.test_subset),
-                                     target.cache, weights_sha256(target.backbone), device)
+                                     target.cache, target.info.weights_sha256, device)
     metrics = {"teacher_entropy": None, "kl_teacher_student": None,
                "rankme": round(collapse.rankme(features), 6), "feature_std": round(collapse.feature_std(features), 6)}
     protocol = {"images": len(features), "data": f"{cfg.data.name} test, eval preprocessing "

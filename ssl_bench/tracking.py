@@ -16,14 +16,14 @@ from typing import Any, Mapping
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ssl_bench.config import Config, to_yaml
+from ssl_bench.config import RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, Config, to_yaml
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = RUN_CONFIG_FILE
 ENV_FILE = "env.json"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
+CHECKPOINT_DIR = RUN_CHECKPOINT_DIR
+LAST_CHECKPOINT = RUN_LAST_CHECKPOINT
 ATTEMPTS_DIR = "attempts"
 
 # Collapse diagnostics in metrics.jsonl (DINO Fig. 7; see eval/collapse.py).
@@ -40,7 +40,6 @@ STATUS_FAILED = "failed"
 KNN_TOP1 = "knn_top1"
 # Online k-NN during training (eval.knn_every_n_epochs): knn/top1, knn/top5, knn/k{k}_top1 by step.
 ONLINE_KNN_PREFIX = "knn/"
-ONLINE_KNN_TOP1 = "knn/top1"
 EVALS_DIR = "evals"  # post-hoc evaluations (ssl-bench eval ...): one JSON record each
 FEATURES_DIR = "features"  # cached frozen features, keyed by weights + data + preprocessing
 

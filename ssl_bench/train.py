@@ -156,7 +156,7 @@ def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str,
     """
     cache = weights = None
     if cfg.eval.cache_features and run_dir is not None and not suffix:
-        cache, weights = FeatureCache(run_dir / "features"), weights_sha256(backbone)
+        cache, weights = FeatureCache(run_dir / tracking.FEATURES_DIR), weights_sha256(backbone)
     outcome = run_knn(cfg, backbone, suffix, cache, weights, progress=lambda label: feature_progress(cfg, label),
                       log=lambda line: print(line, flush=True) if dist.rank() == 0 else None)
     return outcome.metrics, outcome.protocol

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from ssl_bench.backbones.timm_backbone import Backbone, build_backbone
-from ssl_bench.config import BackboneConfig, ConfigError, from_dict, read_yaml
+from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, BackboneConfig,
+                              ConfigError, from_dict, read_yaml)
 
-# The run-directory layout written by ssl_bench.tracking (a higher module, so the names are repeated here).
-RUN_CONFIG = "config.yaml"
-RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+RUN_CONFIG = RUN_CONFIG_FILE
+RUN_CHECKPOINT = Path(RUN_CHECKPOINT_DIR) / RUN_LAST_CHECKPOINT
 
 FORMATS = {
     "ssl-bench": "an ssl-bench run directory or its checkpoints/last.ckpt (Lightning state_dict)",
