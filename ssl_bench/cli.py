@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ssl_bench import config as config_lib
+from ssl_bench.grid_cli import add_grid_parser, load_study
 from ssl_bench.report.curves import DEFAULT_CURVES
 
 
@@ -51,52 +52,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
-
-
-def load_study(args: argparse.Namespace):
-    from ssl_bench.launch.grid import load_study as load
-
-    return load(args.study, args.overrides)
-
-
-def plan_rows(study) -> list[dict]:
-    from ssl_bench.report.collect import read_json
-
-    rows = []
-    for spec in study.runs:
-        result = read_json(spec.run_dir / "result.json")
-        rows.append({"run_id": spec.run_id, "method": spec.method, **{k: v for k, v in spec.axes if k != "method.name"},
-                     "seed": spec.seed, "status": (result or {}).get("status", "pending"),
-                     "run_dir": str(spec.run_dir)})
-    return rows
-
-
-def cmd_grid_plan(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from ssl_bench.launch.grid import validate
-
-    study = load_study(args)
-    validate(study)
-    print(f"study {study.name!r}: {len(study.runs)} runs "
-          f"({' x '.join(f'{len(v)} {k}' for k, v in study.axes.items()) or 'no axes'} x {len(study.seeds)} seeds)")
-    print(pd.DataFrame(plan_rows(study)).to_markdown(index=False))
-    return 0
-
-
-def cmd_grid_launch(args: argparse.Namespace) -> int:
-    from ssl_bench.launch.grid import validate
-    from ssl_bench.launch.local import launch_local
-
-    study = load_study(args)
-    validate(study)  # every run is checked before the first one starts
-    print(f"study {study.name!r}: {len(study.runs)} runs, local launcher", flush=True)
-    summary = launch_local(study, force=args.force)
-    print(f"study {study.name!r}: {len(summary.completed)} completed, {len(summary.skipped)} skipped "
-          f"(already completed), {len(summary.failed)} failed")
-    for run_id, error in summary.failed.items():
-        print(f"  FAILED {run_id}: {error}")
-    return 0 if summary.ok else 1
 
 
 def expected_runs(study) -> tuple[list[dict], list[str]]:
@@ -255,17 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="rerun even if this run id already completed")
     train.set_defaults(func=cmd_train)
 
-    grid = sub.add_parser("grid", help="plan or launch a study")
-    grid_sub = grid.add_subparsers(dest="grid_command", required=True)
-    for name, func, text in (("plan", cmd_grid_plan, "validate and list the runs of a study"),
-                             ("launch", cmd_grid_launch, "run every run not yet completed")):
-        p = grid_sub.add_parser(name, help=text)
-        p.add_argument("study", help="study YAML file in experiments/")
-        p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
-        if name == "launch":
-            p.add_argument("--force", action="store_true", help="rerun completed runs too")
-        p.set_defaults(func=func)
-
+    add_grid_parser(sub)
     add_eval_parser(sub)
 
     results = sub.add_parser("results", help="tables from run records")

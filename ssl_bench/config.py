@@ -161,7 +161,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    """Collapse diagnostics and what to do about a collapsed run."""
+    """Collapse diagnostics, what to do about a collapsed run, checkpoints and resuming."""
 
     diagnostics_every_n_steps: int = 10  # entropy, KL, RankMe, feature std; 0 = off
     stop_on_collapse: bool = False  # end a collapsed run early (recorded in result.json)
@@ -169,6 +169,9 @@ class TrainConfig:
     collapse_entropy_low: float = 0.1  # entropy <= this * log K: one prototype dominates
     collapse_entropy_high: float = 0.98  # entropy >= this * log K: uniform targets
     collapse_kl: float = 0.02  # KL(teacher || student) below this many nats
+    # checkpoints/last.ckpt every N optimizer steps (mid-epoch) as well as at epoch ends; 0 = epoch ends only
+    checkpoint_every_n_steps: int = 50
+    resume: bool = True  # continue an unfinished attempt of the same run id from its checkpoint
 
 
 @dataclass
@@ -179,6 +182,7 @@ class TrackingConfig:
     log_every_n_steps: int = 10
     runs_root: str = "runs"
     progress_bar: bool = True
+    wandb_tags: list[str] = field(default_factory=list)  # "key=value" tags of the grid axes (the launcher fills them)
 
 
 @dataclass
@@ -203,9 +207,11 @@ OPTIMIZERS = ("adamw", "sgd")
 # Evaluation-only settings (online k-NN cadence, bank precision and blocks, feature cache, the linear
 # probe run by ``ssl-bench eval linear``) change no trained weight; each evaluation records them in
 # result.json's protocol instead.
+# Checkpoint cadence and resuming change no weight either: a resumed run equals an uninterrupted one.
 UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "trainer.num_threads",
-                 "train.diagnostics_every_n_steps", "eval.knn_every_n_epochs", "eval.knn_fp16_bank",
-                 "eval.knn_bank_block", "eval.cache_features", "linear")
+                 "train.diagnostics_every_n_steps", "train.checkpoint_every_n_steps", "train.resume",
+                 "eval.knn_every_n_epochs", "eval.knn_fp16_bank", "eval.knn_bank_block", "eval.cache_features",
+                 "linear")
 BASE_KEY = "base"  # a config file may name another file it extends
 
 
@@ -373,6 +379,9 @@ def check_values(cfg: Config) -> None:
     if not 0 < lin.val_fraction < 1 or lin.epochs < 1 or lin.batch_size < 1:
         raise ConfigError(f"linear.val_fraction must be in (0, 1) and linear.epochs, linear.batch_size >= 1, "
                           f"got {lin.val_fraction}, {lin.epochs}, {lin.batch_size}")
+    if cfg.train.checkpoint_every_n_steps < 0:
+        raise ConfigError(f"train.checkpoint_every_n_steps must be >= 0 (0 = epoch ends only), "
+                          f"got {cfg.train.checkpoint_every_n_steps}")
     if cfg.eval.knn_every_n_epochs < 0:
         raise ConfigError(f"eval.knn_every_n_epochs must be >= 0, got {cfg.eval.knn_every_n_epochs}")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import random
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+SNAPSHOT_FILE = "ssl_bench_snapshot.json"  # written next to a package copied at submit time
 PACKAGES = ("torch", "torchvision", "timm", "lightning", "wandb", "submitit", "numpy", "pandas", "omegaconf")
 
 
@@ -31,7 +33,17 @@ def seed_everything(seed: int) -> None:
 
 
 def git_state(path: Path | None = None) -> dict[str, Any]:
-    """``{"sha", "dirty", "branch"}`` of the repository holding ``path`` (the package by default)."""
+    """``{"sha", "dirty", "branch"}`` of the repository holding ``path`` (the package by default).
+
+    A package copied by the SLURM launcher (a code snapshot) reports the git state it was copied
+    from, recorded at submit time, not that of whatever repository the snapshot happens to sit in.
+    """
+    if path is None:
+        snapshot = Path(__file__).resolve().parent.parent / SNAPSHOT_FILE
+        if snapshot.is_file():
+            state = json.loads(snapshot.read_text())
+            return {"sha": state.get("sha"), "dirty": state.get("dirty"), "branch": state.get("branch"),
+                    "snapshot": str(snapshot.parent)}
     cwd = str(path or Path(__file__).resolve().parent)
 
     def git(*args: str) -> str | None:

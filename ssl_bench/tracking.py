@@ -24,6 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 CHECKPOINT_DIR = RUN_CHECKPOINT_DIR
 LAST_CHECKPOINT = RUN_LAST_CHECKPOINT
+PREVIOUS_CHECKPOINT = "previous.ckpt"  # the last.ckpt before the latest save: the fallback if last.ckpt is broken
 ATTEMPTS_DIR = "attempts"
 
 # Collapse diagnostics in metrics.jsonl (DINO Fig. 7; see eval/collapse.py).
@@ -36,6 +37,10 @@ COLLAPSED = "collapse/collapsed"
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
+STATUS_PREEMPTED = "preempted"
+UNFINISHED = (STATUS_RUNNING, STATUS_FAILED, STATUS_PREEMPTED)
+# metrics.jsonl keys logged by the training step of the line's step (redone after a resume from that step).
+STEP_KEY_PREFIXES = ("train/", "collapse/")
 
 KNN_TOP1 = "knn_top1"
 # Online k-NN during training (eval.knn_every_n_epochs): knn/top1, knn/top5, knn/k{k}_top1 by step.
@@ -63,21 +68,69 @@ def read_result(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def archive_previous_attempt(directory: Path) -> Path | None:
-    """Move the files of an earlier, unfinished attempt to attempts/N/ so nothing is overwritten.
+def next_attempt_dir(directory: Path) -> Path:
+    """``attempts/<n>``, n one more than the attempts kept so far (not created)."""
+    attempts = Path(directory) / ATTEMPTS_DIR
+    return attempts / str(1 + (sum(1 for _ in attempts.iterdir()) if attempts.exists() else 0))
 
-    Checkpoints stay in place so a later resume can use them.
+
+def archive_previous_attempt(directory: Path, checkpoints: bool = True) -> Path | None:
+    """Move the files of an earlier attempt to attempts/N/ so nothing is overwritten.
+
+    A run that starts over (``force``, nothing resumable) takes its checkpoints along, so the
+    new attempt never falls back to, or resumes from, the old attempt's weights.
     """
-    names = [n for n in (CONFIG_FILE, ENV_FILE, METRICS_FILE, RESULT_FILE, EVALS_DIR) if (directory / n).exists()]
+    candidates = (CONFIG_FILE, ENV_FILE, METRICS_FILE, RESULT_FILE, EVALS_DIR)
+    candidates += (CHECKPOINT_DIR,) if checkpoints else ()
+    names = [n for n in candidates if (directory / n).exists()]
     if not names:
         return None
-    attempts = directory / ATTEMPTS_DIR
-    n = 1 + sum(1 for _ in attempts.iterdir()) if attempts.exists() else 1
-    target = attempts / str(n)
+    target = next_attempt_dir(directory)
     target.mkdir(parents=True)
     for name in names:
         shutil.move(str(directory / name), str(target / name))
     return target
+
+
+def done_before(record: Mapping[str, Any], step: int) -> bool:
+    """Whether a metrics.jsonl line is work a checkpoint at ``step`` (optimizer steps done) already holds.
+
+    Lines of training steps < step, and evaluation lines at ``step`` itself (the online k-NN at the
+    end of the epoch the checkpoint closes, logged before it was saved). Training-step lines at
+    ``step`` belong to step ``step``, which is redone. Unreadable lines count as not done.
+    """
+    s = record.get("step")
+    if s is None or s < step:
+        return True
+    return s == step and not any(key.startswith(STEP_KEY_PREFIXES) for key in record)
+
+
+def set_aside_metrics(directory: Path, step: int, attempt_dir: Path) -> tuple[int, Path | None]:
+    """Before resuming from ``step``: move metrics.jsonl lines of work to be redone to
+    ``<attempt_dir>/metrics.after_step_<step>.jsonl`` and atomically rewrite metrics.jsonl.
+
+    Returns (lines kept, file the others went to or None). The moved lines are written first, so
+    a crash in between duplicates lines rather than losing them.
+    """
+    path = Path(directory) / METRICS_FILE
+    if not path.exists():
+        return 0, None
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            done = done_before(json.loads(line), step)
+        except json.JSONDecodeError:  # a line torn by the crash
+            done = False
+        (keep if done else moved).append(line)
+    target = None
+    if moved:
+        attempt_dir.mkdir(parents=True, exist_ok=True)
+        target = attempt_dir / f"metrics.after_step_{step}.jsonl"
+        atomic_write_text(target, "".join(line + "\n" for line in moved))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return len(keep), target
 
 
 class RunDir:
@@ -163,13 +216,19 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
 
 
 def wandb_logger(cfg: Config, run_id: str, directory: Path) -> Logger | None:
-    """W&B mirror (same run id, group = study) or None when tracking.wandb=off."""
+    """W&B mirror (``ssl_bench.wandb_mirror``) with env.json attached, or None when tracking.wandb=off."""
     if cfg.tracking.wandb == "off":
         return None
-    from lightning.pytorch.loggers import WandbLogger
+    from ssl_bench.wandb_mirror import wandb_logger as mirror
 
-    from ssl_bench.config import to_dict
+    env_path = Path(directory) / ENV_FILE
+    env = json.loads(env_path.read_text()) if env_path.exists() else None
+    return mirror(cfg, run_id, directory, env)
 
-    return WandbLogger(project=cfg.tracking.wandb_project, entity=cfg.tracking.wandb_entity,
-                       id=run_id, name=run_id, group=cfg.study, mode=cfg.tracking.wandb,
-                       save_dir=str(directory), config=to_dict(cfg), resume="allow")
+
+def publish_wandb(logger: Logger | None, result: Mapping[str, Any]) -> None:
+    """result.json's record as the W&B run summary; the W&B run is finished (no-op without W&B)."""
+    if logger is not None:
+        from ssl_bench.wandb_mirror import publish_result
+
+        publish_result(logger, result)

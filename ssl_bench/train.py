@@ -1,22 +1,29 @@
-"""``run(cfg) -> RunResult``: the one place that wires data, method, evaluation and tracking."""
+"""``run(cfg) -> RunResult``: the one place that wires data, method, evaluation and tracking, and resumes runs."""
 
 from __future__ import annotations
 
+import datetime
+import gc
 import logging
+import os
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssl_bench import config as config_lib
 from ssl_bench import dist, repro, tracking
-from ssl_bench.callbacks import AtomicLastCheckpoint, CollapseDiagnostics, OnlineKNN, ProgressLines
+from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, OnlineKNN, Preempted, ProgressLines,
+                                 ResumePoint, agreed_preemption, find_resume_checkpoint)
 from ssl_bench.data import SSLDataModule
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
@@ -36,53 +43,186 @@ class RunResult:
     is_main: bool = True  # False on the other ranks of a DDP run, which write no records
 
 
+@dataclass
+class Attempt:
+    """One attempt at a run: where it resumes from and what it has produced so far (for every record)."""
+
+    resume: Optional[ResumePoint] = None
+    knn_init: bool = True  # compute the k-NN at init (False: a resumed attempt reuses the earlier values)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    protocol: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    ddp: dict[str, Any] = field(default_factory=dict)  # world size and every rank's teacher hash (DDP only)
+    wandb: Any = None  # the W&B logger, finished with the final record
+    on_init_metrics: Callable[[], None] = lambda: None  # rank 0 records the k-NN at init at once
+
+
 def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
-    """Train ``cfg``, evaluate by k-NN and write the run directory; skip if already completed."""
+    """Train ``cfg``, evaluate by k-NN and write the run directory; skip it if completed, resume it if interrupted.
+
+    An unfinished attempt (result.json running/failed/preempted, or none) that left a loadable
+    checkpoint of this run id is continued from it (``train.resume``); ``force`` archives the old
+    attempt, checkpoints included, and starts over. A stop on a preemption request is recorded as
+    status "preempted" and :class:`~ssl_bench.callbacks.Preempted` is re-raised for the launcher.
+    """
     run_id = config_lib.run_id(cfg)
     directory = config_lib.run_dir(cfg)
     previous = tracking.read_result(directory)
     if previous and previous.get("status") == tracking.STATUS_COMPLETED and not force:
         return RunResult(run_id, directory, tracking.STATUS_COMPLETED, previous.get("metrics", {}),
                          previous.get("timing", {}), skipped=True)
-    if repro.launch_rank(cfg.trainer.devices) != 0:
-        # Another DDP rank: rank 0 owns the run directory (archive, config, env, result.json).
-        metrics, timing, _, _ = _train_and_evaluate(cfg, tracking.RunDir(directory))
-        return RunResult(run_id, directory, tracking.STATUS_COMPLETED, metrics, timing, is_main=False)
-    if directory.exists():
-        tracking.archive_previous_attempt(directory)
+    main = repro.launch_rank(cfg.trainer.devices) == 0
+    resume, fresh_reason = plan_resume(cfg, run_id, directory, previous, force, _printer(main))
     run_dir = tracking.RunDir(directory)
-    world = cfg.trainer.devices * cfg.trainer.num_nodes
-    run_dir.start(cfg, run_id, repro.environment(cfg.seed, world))
-    record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed}
+    attempt = Attempt(resume=resume, knn_init=cfg.eval.knn and cfg.eval.knn_init)
+    if not main:
+        # Another DDP rank: rank 0 owns the run directory (archive, config, env, result.json).
+        attempt.knn_init = attempt.knn_init and resume is None  # nobody records this rank's values
+        _run_attempt(cfg, run_dir, attempt)
+        return RunResult(run_id, directory, tracking.STATUS_COMPLETED, attempt.metrics, attempt.timing, is_main=False)
+    record = start_attempt(cfg, run_id, run_dir, previous, attempt, fresh_reason)
     started = time.time()
     try:
-        metrics, timing, diagnostics, protocol = _train_and_evaluate(cfg, run_dir)
-    except BaseException as exc:
-        run_dir.write_result({**record, "status": tracking.STATUS_FAILED,
-                              "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
-                              "timing": {"wall_s": round(time.time() - started, 2)}})
+        _run_attempt(cfg, run_dir, attempt)
+    except Preempted as exc:
+        _finish(run_dir, attempt, {**record, "status": tracking.STATUS_PREEMPTED, "step": exc.step,
+                                   "metrics": attempt.metrics, "timing": {"wall_s": round(time.time() - started, 2)}})
         raise
-    timing["wall_s"] = round(time.time() - started, 2)
-    run_dir.write_result({**record, "status": tracking.STATUS_COMPLETED, "metrics": metrics, "timing": timing,
-                          "collapse": diagnostics, "protocol": protocol})
-    return RunResult(run_id, directory, tracking.STATUS_COMPLETED, metrics, timing)
+    except BaseException as exc:
+        _finish(run_dir, attempt, {**record, "status": tracking.STATUS_FAILED, "metrics": attempt.metrics,
+                                   "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                                   "timing": {"wall_s": round(time.time() - started, 2)}})
+        raise
+    attempt.timing["wall_s"] = round(time.time() - started, 2)
+    _finish(run_dir, attempt, {**record, "status": tracking.STATUS_COMPLETED, "metrics": attempt.metrics,
+                               "timing": attempt.timing, "collapse": attempt.diagnostics, "protocol": attempt.protocol,
+                               **({"ddp": attempt.ddp} if attempt.ddp else {})})
+    return RunResult(run_id, directory, tracking.STATUS_COMPLETED, attempt.metrics, attempt.timing)
 
 
-def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tuple[dict, dict, dict, dict]:
+def _finish(run_dir: tracking.RunDir, attempt: Attempt, result: dict[str, Any]) -> None:
+    """The attempt's final record: result.json, then the W&B summary (which finishes the W&B run)."""
+    run_dir.write_result(result)
+    tracking.publish_wandb(attempt.wandb, result)
+
+
+def _printer(main: bool) -> Callable[[str], None]:
+    return (lambda line: print(line, flush=True)) if main else (lambda line: None)
+
+
+def plan_resume(cfg: config_lib.Config, run_id: str, directory: Path, previous: Optional[dict], force: bool,
+                log: Callable[[str], None] = print) -> tuple[Optional[ResumePoint], Optional[str]]:
+    """(checkpoint to continue from, None), or (None, why the attempt found there is not continued).
+
+    (None, None) when there is nothing to continue: ``force``, ``train.resume=false`` or no checkpoint.
+    """
+    checkpoints = directory / tracking.CHECKPOINT_DIR
+    if force or not cfg.train.resume or not any(checkpoints.glob("*.ckpt")):
+        return None, None
+    status = previous.get("status") if previous else None
+    reason = None
+    if previous is not None and status not in tracking.UNFINISHED:
+        reason = f"result.json has status {status!r}"
+    elif (saved := _saved_run_id(directory)) != run_id:
+        reason = f"{tracking.CONFIG_FILE} is {'unreadable' if saved is None else f'of run {saved}'}"
+    else:
+        point = find_resume_checkpoint(directory, run_id, log)
+        if point is not None:
+            return point, None
+        reason = f"no loadable checkpoint in {checkpoints}"
+    log(f"[ssl-bench] {run_id}: {reason}; starting from scratch (the old attempt goes to {tracking.ATTEMPTS_DIR}/)")
+    return None, reason
+
+
+def _saved_run_id(directory: Path) -> Optional[str]:
+    try:
+        return config_lib.run_id(config_lib.from_dict(yaml.safe_load((directory / tracking.CONFIG_FILE).read_text())))
+    except Exception:  # missing, unreadable or no longer a valid config: not this run's
+        return None
+
+
+def start_attempt(cfg: config_lib.Config, run_id: str, run_dir: tracking.RunDir, previous: Optional[dict],
+                  attempt: Attempt, fresh_reason: Optional[str]) -> dict[str, Any]:
+    """Rank 0: prepare the run directory for this attempt; returns the fixed part of its result.json."""
+    record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed}
+    if attempt.resume is None:
+        archived = tracking.archive_previous_attempt(run_dir.path) if run_dir.path.exists() else None
+        run_dir.start(cfg, run_id, repro.environment(cfg.seed, cfg.trainer.devices * cfg.trainer.num_nodes))
+        if fresh_reason:
+            record["fresh_start"] = {"reason": fresh_reason, "archived_to": str(archived) if archived else None}
+    else:
+        _continue_attempt(run_id, run_dir, previous or {}, attempt, record)
+    attempt.on_init_metrics = lambda: run_dir.write_result({**record, "status": tracking.STATUS_RUNNING,
+                                                            "metrics": attempt.metrics, "timing": attempt.timing})
+    attempt.on_init_metrics()
+    return record
+
+
+def _continue_attempt(run_id: str, run_dir: tracking.RunDir, previous: dict, attempt: Attempt,
+                      record: dict[str, Any]) -> None:
+    """Set aside the log lines of work to redo, add this resume to ``record`` and reuse the k-NN at init."""
+    resume = attempt.resume
+    assert resume is not None
+    record.update({key: previous[key] for key in ("fresh_start",) if key in previous})
+    _, moved = tracking.set_aside_metrics(run_dir.path, resume.step, tracking.next_attempt_dir(run_dir.path))
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    record["resumes"] = list(previous.get("resumes", [])) + [{
+        "from_step": resume.step, "checkpoint": resume.name, "epoch": resume.epoch, "batch": resume.batch,
+        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": int(restarts) if restarts and restarts.isdigit() else None,
+        "skipped_checkpoints": resume.problems,
+        "metrics_set_aside": str(moved.relative_to(run_dir.path)) if moved else None}]
+    reused = {k: v for k, v in previous.get("metrics", {}).items() if k.endswith("_init")}
+    if attempt.knn_init and reused:
+        attempt.metrics.update(reused)
+        attempt.timing.update({k: v for k, v in previous.get("timing", {}).items() if k == "knn_init_s"})
+        attempt.knn_init = False
+    print(f"[ssl-bench] resuming {run_id} from step {resume.step} ({tracking.CHECKPOINT_DIR}/{resume.path.name}, "
+          f"epoch {resume.epoch}, batch {resume.batch} of {resume.batches_per_epoch})", flush=True)
+
+
+def _run_attempt(cfg: config_lib.Config, run_dir: tracking.RunDir, attempt: Attempt) -> None:
+    """Train and evaluate; a DDP process group started for it (by Lightning) is closed after, on every rank."""
+    owns_group = not dist.is_distributed()
+    try:
+        _train_and_evaluate(cfg, run_dir, attempt)
+    except Preempted as exc:  # every rank stopped at the same step, so the barrier below is met
+        if owns_group:
+            traceback.clear_frames(exc.__traceback__)  # the frames hold the trainer and its DDP model
+            close_process_group()
+        raise
+    if owns_group:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Barrier, free the model, then ``destroy_process_group``: the clean end of a (gloo) DDP run.
+
+    Lightning destroys only NCCL groups (at exit); a gloo group left to interpreter exit, or
+    destroyed while a DDP model still holds it, aborted about one run in three.
+    """
+    if not dist.is_distributed():
+        return
+    gc.collect()  # the DDP-wrapped model and its reducer, unreachable once the attempt returned
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attempt: Attempt) -> None:
     repro.seed_everything(cfg.seed)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     method = build_method(cfg)
     datamodule = build_datamodule(cfg, method)
-    metrics: dict[str, Any] = {}
-    timing: dict[str, float] = {}
-
-    protocol: dict[str, Any] = {}
-    if cfg.eval.knn and cfg.eval.knn_init:
+    metrics, timing, protocol = attempt.metrics, attempt.timing, attempt.protocol
+    if attempt.knn_init:
         t0 = time.time()
         values, protocol["knn"] = knn_metrics(cfg, method.eval_backbone(), suffix="_init")
         metrics.update(values)
         timing["knn_init_s"] = round(time.time() - t0, 2)
+        attempt.on_init_metrics()
 
     diagnostics = CollapseDiagnostics(cfg.train.diagnostics_every_n_steps,
                                       CollapseMonitor(cfg.method.out_dim, cfg.train.collapse_entropy_low,
@@ -94,13 +234,21 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
         extra.append(OnlineKNN(cfg.eval.knn_every_n_epochs,
                                lambda backbone: knn_metrics(cfg, backbone, suffix="")[0]))
     trainer = build_trainer(cfg, run_dir, extra)
+    attempt.wandb = next((lg for lg in trainer.loggers if not isinstance(lg, tracking.JsonlLogger)), None)
+    start_step = attempt.resume.step if attempt.resume else 0
     t0 = time.time()
-    trainer.fit(method, datamodule=datamodule)
+    try:
+        trainer.fit(method, datamodule=datamodule, ckpt_path=str(attempt.resume.path) if attempt.resume else None)
+    except SIGTERMException as exc:
+        _raise_if_preempted(trainer, method.device, exc)
+        raise
     train_s = time.time() - t0
-    images = trainer.global_step * cfg.data.batch_size * trainer.world_size
+    _raise_if_preempted(trainer, method.device)
+    attempt.ddp = _rank_weight_hashes(method)
+    images = (trainer.global_step - start_step) * cfg.data.batch_size * trainer.world_size
     timing.update({"train_s": round(train_s, 2), "train_steps": trainer.global_step,
                    "train_images_per_s": round(images / max(train_s, 1e-9), 2)})
-    metrics["train_loss_last"] = _last_logged(trainer, "train/loss")
+    metrics["train_loss_last"] = _last_logged(trainer, "train/loss", run_dir.path)
     metrics.update({f"{name}_last": value for name, value in diagnostics.last.items() if name != "collapsed"})
 
     if cfg.eval.knn:  # every rank: under DDP each extracts its share and holds its shard of the bank
@@ -109,7 +257,25 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir) -> tup
         metrics.update(values)
         timing["knn_s"] = round(time.time() - t0, 2)
     timing["peak_rss_mb"] = round(repro.peak_rss_mb(), 1)
-    return metrics, timing, diagnostics.summary(), protocol
+    attempt.diagnostics = diagnostics.summary()
+
+
+def _rank_weight_hashes(method: torch.nn.Module) -> dict[str, Any]:
+    """Under DDP, every rank's teacher-weight hash (all equal when the ranks stayed in sync); {} in one process."""
+    if not dist.is_distributed():
+        return {}
+    hashes: list[Any] = [None] * dist.world_size()
+    torch.distributed.all_gather_object(hashes, weights_sha256(method.teacher))
+    return {"world_size": dist.world_size(), "teacher_sha256": hashes}
+
+
+def _raise_if_preempted(trainer: L.Trainer, device: torch.device, sigterm: Optional[BaseException] = None) -> None:
+    """Preempted when the checkpoint callback stopped the loop, or a request came after the last step's check."""
+    saver = next(c for c in trainer.callbacks if isinstance(c, AtomicLastCheckpoint))
+    if saver.stopped_at is not None:
+        raise Preempted(saver.stopped_at) from sigterm
+    if sigterm is None and agreed_preemption(device):  # last.ckpt is the final epoch's: nothing to save
+        raise Preempted(trainer.global_step)
 
 
 def build_datamodule(cfg: config_lib.Config, method: torch.nn.Module) -> SSLDataModule:
@@ -127,6 +293,8 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*`weights_only` was not set.*")
+    # Printed whenever Slurm's client tools are installed, even for a run outside any SLURM job.
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system.*")
 
 
 def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[Callback] = ()) -> L.Trainer:
@@ -136,15 +304,29 @@ def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[
     if wandb is not None:
         loggers.append(wandb)
     t = cfg.trainer
-    callbacks: list[Callback] = [AtomicLastCheckpoint(run_dir.checkpoints), *extra]
+    callbacks: list[Callback] = list(extra)
     if not cfg.tracking.progress_bar:
         callbacks.append(ProgressLines(cfg.tracking.log_every_n_steps * 5))
-    return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-                     max_epochs=cfg.optim.epochs, max_steps=t.max_steps, logger=loggers,
-                     callbacks=callbacks, enable_checkpointing=False,
-                     log_every_n_steps=cfg.tracking.log_every_n_steps,
-                     enable_progress_bar=cfg.tracking.progress_bar, enable_model_summary=False,
-                     default_root_dir=str(run_dir.path), num_sanity_val_steps=0)
+    # Last: a checkpoint taken at a step end or epoch end covers what the other callbacks did there.
+    callbacks.append(AtomicLastCheckpoint(run_dir.checkpoints, cfg.train.checkpoint_every_n_steps))
+    plugins = []
+    if SLURMEnvironment.detect():
+        # submitit owns the SLURM signals and requeueing (launch/); with auto_requeue Lightning would
+        # install its own SIGUSR1 handler that checkpoints to hpc_ckpt_*.ckpt and requeues by itself.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+                        max_epochs=cfg.optim.epochs, max_steps=t.max_steps, logger=loggers,
+                        callbacks=callbacks, enable_checkpointing=False, plugins=plugins or None,
+                        use_distributed_sampler=False,  # ResumableLoader shards by rank itself
+                        log_every_n_steps=cfg.tracking.log_every_n_steps,
+                        enable_progress_bar=cfg.tracking.progress_bar, enable_model_summary=False,
+                        default_root_dir=str(run_dir.path), num_sanity_val_steps=0)
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        # In a submitit job, submitit and launch/jobs.py own SIGTERM and USR2 (checkpoint at the step end,
+        # then requeue). Lightning's SIGTERM handler would end training without a checkpoint and, under
+        # DDP, broadcast from inside the signal handler.
+        trainer._signal_connector.register_signal_handlers = lambda: None
+    return trainer
 
 
 def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str,
@@ -195,9 +377,13 @@ def _progress_lines(label: str):
     return update
 
 
-def _last_logged(trainer: L.Trainer, key: str) -> float | None:
+def _last_logged(trainer: L.Trainer, key: str, directory: Path) -> float | None:
+    """The last value of ``key``; from metrics.jsonl when this attempt trained no step (resumed at the end)."""
     value = trainer.callback_metrics.get(key)
-    return float(value) if value is not None else None
+    if value is not None:
+        return float(value)
+    logged = [line[key] for line in tracking.read_metrics(directory) if key in line]
+    return float(logged[-1]) if logged else None
 
 
 def validate_config(cfg: config_lib.Config, label: str = "config", check_data: bool = True) -> None:

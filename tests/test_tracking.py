@@ -28,9 +28,11 @@ def test_wandb_offline_mirror(tiny_tree, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = config_lib.build_config(tiny_tree, {"tracking": {"wandb": "offline"}, "study": "wb"})
     result = train.run(cfg)
-    offline = list((result.run_dir / "wandb").glob(f"offline-run-*-{result.run_id}"))
+    wandb_id = f"wb-{result.run_id}"  # <study>-<run_id>: the same config in two studies is two W&B runs
+    offline = list((result.run_dir / "wandb").glob(f"offline-run-*-{wandb_id}"))
     assert len(offline) == 1, list((result.run_dir / "wandb").iterdir())
-    assert (offline[0] / f"run-{result.run_id}.wandb").stat().st_size > 0
+    blob = (offline[0] / f"run-{wandb_id}.wandb").read_bytes()
+    assert result.metrics["knn_top1"] is not None and b"knn_top1" in blob  # the summary was published
     assert tracking.read_metrics(result.run_dir)  # the run directory is still written
 
 

@@ -7,8 +7,9 @@ DINOv2 (Oquab et al. 2023, arXiv 2304.07193), facebookresearch/dinov2 at commit
 description and that code's behaviour; no code is copied.
 
 Randomness comes from a ``random.Random`` drawn from Python's global ``random``
-state, which Lightning's ``seed_everything`` and the DataLoader (per worker) seed,
-so masks are reproducible run to run.
+state; the training loader seeds that state per batch from (seed, epoch, batch,
+rank) (``data/resumable.py`` SeededCollate), so masks do not depend on workers or
+on whether the run was resumed.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_bench.config import Config
 from ssl_bench.data.datasets import build_dataset, check_dataset, dataset_info, seeded_subset
 from ssl_bench.data.masking import MaskingCollate
+from ssl_bench.data.resumable import ResumableLoader
 from ssl_bench.data.transforms import MultiCropTransform, eval_transform
 
 
@@ -23,7 +24,9 @@ class SSLDataModule(L.LightningDataModule):
     image turned into DINO's crops by MultiCropTransform (Caron et al. 2021).
     With ``mask_grid``, batches gain iBOT block masks for the two global crops
     (DINOv2, Oquab et al. 2023): ``(crops, labels, (2B, H*W) bool masks)``, see
-    MaskingCollate.
+    MaskingCollate. The batches come from a ResumableLoader (``data/resumable.py``):
+    each is a pure function of (seed, epoch, batch index, rank, world size), whatever
+    ``data.num_workers``, and a resumed run continues mid-epoch where it stopped.
 
     Args:
         cfg: full config; reads ``cfg.data``, ``cfg.seed`` and, when masking,
@@ -59,17 +62,21 @@ class SSLDataModule(L.LightningDataModule):
             self._train_set = seeded_subset(full, data.subset, self.cfg.seed)
         return self._train_set
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         data = self.data_cfg
-        return DataLoader(
+        trainer = getattr(self, "trainer", None)
+        rank = int(getattr(trainer, "global_rank", 0)) if trainer is not None else 0
+        # Our sampler shards by rank itself, so the Trainer runs with use_distributed_sampler=False.
+        return ResumableLoader(
             self.train_set,
-            batch_size=data.batch_size,
-            shuffle=True,
-            drop_last=True,  # every step sees a full batch, as in DINO
+            batch_size=data.batch_size,  # every step sees a full batch, as in DINO
+            seed=self.cfg.seed,
+            rank=rank,
+            world_size=self.world_size,
+            collate_fn=self.collate_fn,
             num_workers=data.num_workers,
             persistent_workers=data.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            collate_fn=self.collate_fn,
         )
 
     @property
@@ -89,7 +96,7 @@ class SSLDataModule(L.LightningDataModule):
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch on each rank, i.e. ``len(train_dataloader())`` there.
 
-        Lightning's DistributedSampler pads the set to a multiple of the world size,
+        The sampler pads the set to a multiple of the world size as DistributedSampler,
         so each rank sees ceil(N / world) items and drops the last partial batch.
         """
         per_rank = math.ceil(len(self.train_set) / self.world_size)  # type: ignore[arg-type]

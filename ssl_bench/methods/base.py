@@ -8,6 +8,7 @@ the EMA update and the schedules of ``train_dino``).
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -16,7 +17,7 @@ from torch import nn
 
 from ssl_bench import schedules
 from ssl_bench.backbones import Backbone, build_backbone
-from ssl_bench.config import Config
+from ssl_bench.config import Config, run_id
 from ssl_bench.heads import DINOHead
 from ssl_bench.registry import Registry
 
@@ -142,11 +143,26 @@ class SSLMethod(L.LightningModule):
         self.total_steps = 1
         self.diagnostics_wanted = False  # set by the diagnostics callback on the steps it samples
         self.diagnostic_inputs: DiagnosticInputs | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ----- schedules: functions of the global step -------------------------------
     def on_train_start(self) -> None:
         self.steps_per_epoch = max(int(self.trainer.num_training_batches), 1)
         self.total_steps = self.cfg.optim.epochs * self.steps_per_epoch
+        if self._rng_to_restore is not None:  # after Lightning's restore and setup, just before the first batch
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # ----- checkpoints: what Lightning's own state lacks for an exact resume -------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the run id and every rank's RNG states (drop path draws from torch's global generator)."""
+        checkpoint["ssl_bench"] = {"run_id": run_id(self.cfg), "global_step": self.global_step}
+        checkpoint["rng_states"] = gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:  # this rank's states when the world size is the same, else rank 0's
+            self._rng_to_restore = states[self.global_rank] if len(states) == self.trainer.world_size else states[0]
 
     def epochs_to_steps(self, epochs: float) -> int:
         return int(round(epochs * self.steps_per_epoch))
@@ -218,6 +234,48 @@ class SSLMethod(L.LightningModule):
     def eval_backbone(self) -> Backbone:
         """The network evaluated by k-NN: the teacher backbone, as in DINO."""
         return self.teacher.backbone
+
+
+def rng_states() -> dict[str, Any]:
+    """Torch CPU (and CUDA) generator, Python ``random`` and NumPy global states, as tensors and
+    plain values, so ``torch.load(weights_only=True)`` reads them back."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states`."""
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_states`, in rank order (one entry in a single process).
+
+    Called from ``on_save_checkpoint``, which Lightning runs on every rank of a save.
+    """
+    import torch.distributed as torch_dist
+
+    states = rng_states()
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return [states]
+    gathered: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, states)
+    return gathered
 
 
 def build_method(cfg: Config) -> SSLMethod:

@@ -1,6 +1,7 @@
 """Study expansion, validation before launch, run-id stability and skip-completed relaunch."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -56,10 +57,12 @@ def test_launch_skips_completed_and_reruns_failed(tmp_path, tiny_tree):
     assert first.ok and len(first.completed) == 2
     done, other = study.runs
     mtime = (done.run_dir / "result.json").stat().st_mtime_ns
-    # mark the second run as failed: the next launch reruns it and keeps the failed attempt
+    # mark the second run as failed without a checkpoint to resume from: the next launch reruns it
+    # from scratch and keeps the failed attempt (with a checkpoint it would resume: tests/test_resume.py)
     failed = json.loads((other.run_dir / "result.json").read_text())
     failed["status"] = "failed"
     (other.run_dir / "result.json").write_text(json.dumps(failed))
+    shutil.rmtree(other.run_dir / "checkpoints")
     second = launch_local(study)
     assert second.skipped == [done.run_id] and second.completed == [other.run_id]
     assert (done.run_dir / "result.json").stat().st_mtime_ns == mtime

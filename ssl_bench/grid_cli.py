@@ -1,0 +1,192 @@
+"""``ssl-bench grid plan|launch|status|cancel``: a study on this machine or on a SLURM cluster."""
+
+from __future__ import annotations
+
+import argparse
+
+from ssl_bench import config as config_lib
+
+CLUSTER_CHOICES = ("local", "slurm", "submitit-local", "debug")  # local: in this process, one run after another
+
+
+def load_study(args: argparse.Namespace):
+    from ssl_bench.launch.grid import load_study as load
+
+    return load(args.study, args.overrides)
+
+
+def plan_rows(study) -> list[dict]:
+    from ssl_bench.report.collect import read_json
+
+    rows = []
+    for spec in study.runs:
+        result = read_json(spec.run_dir / "result.json")
+        rows.append({"run_id": spec.run_id, "method": spec.method, **{k: v for k, v in spec.axes if k != "method.name"},
+                     "seed": spec.seed, "status": (result or {}).get("status", "pending"),
+                     "run_dir": str(spec.run_dir)})
+    return rows
+
+
+def _profile(args: argparse.Namespace):
+    """The cluster profile for --cluster slurm/submitit-local/debug (local-test by default off SLURM)."""
+    from ssl_bench.launch.profiles import Profile, load_profile
+
+    if args.cluster == "local":
+        if args.profile:
+            raise config_lib.ConfigError("--profile needs --cluster slurm (or submitit-local/debug)")
+        return None
+    if args.profile:
+        return load_profile(args.profile)
+    if args.cluster == "slurm":
+        from ssl_bench.launch.profiles import available_profiles
+
+        raise config_lib.ConfigError(f"--cluster slurm needs --profile NAME_OR_FILE; profiles in slurm/profiles/: "
+                                     f"{', '.join(available_profiles()) or 'none'}")
+    return Profile(name=args.cluster)
+
+
+def _validate(study, args: argparse.Namespace):
+    """Every run checked (registries, model, data; with a profile, resources) before anything starts."""
+    from ssl_bench.launch.grid import validate
+    from ssl_bench.wandb_mirror import check_wandb
+
+    validate(study)
+    for mode in sorted({spec.config.tracking.wandb for spec in study.runs}):
+        check_wandb(next(s.config for s in study.runs if s.config.tracking.wandb == mode))  # key before submitting
+    profile = _profile(args)
+    if profile is not None:
+        from ssl_bench.launch.slurm import validate_for_cluster
+
+        for warning in validate_for_cluster(study, profile, _submitit_cluster(args.cluster)):
+            print(f"[ssl-bench] warning: {warning}", flush=True)
+    return profile
+
+
+def _submitit_cluster(cluster: str) -> str:
+    return {"submitit-local": "local"}.get(cluster, cluster)
+
+
+def cmd_grid_plan(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    study = load_study(args)
+    profile = _validate(study, args)
+    print(f"study {study.name!r}: {len(study.runs)} runs "
+          f"({' x '.join(f'{len(v)} {k}' for k, v in study.axes.items()) or 'no axes'} x {len(study.seeds)} seeds)"
+          + (f"; resources checked against profile {profile.name!r}" if profile else ""))
+    print(pd.DataFrame(plan_rows(study)).to_markdown(index=False))
+    return 0
+
+
+def cmd_grid_launch(args: argparse.Namespace) -> int:
+    study = load_study(args)
+    profile = _validate(study, args)  # every run is checked before the first one starts or is submitted
+    evals = _eval_kinds(args.eval)
+    if profile is None:
+        if evals or args.dry_run or args.wait:
+            raise config_lib.ConfigError("--eval, --dry-run and --wait need --cluster slurm (or submitit-local/debug)")
+        return _launch_local(study, args.force)
+    return _launch_submitit(study, profile, args, evals)
+
+
+def _eval_kinds(text: str | None) -> list[str]:
+    from ssl_bench.launch.slurm import EVAL_KINDS
+
+    kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
+    bad = [k for k in kinds if k not in EVAL_KINDS]
+    if bad:
+        raise config_lib.ConfigError(f"--eval {text!r}: unknown evaluation(s) {bad}; valid: {', '.join(EVAL_KINDS)}")
+    return kinds
+
+
+def _launch_local(study, force: bool) -> int:
+    from ssl_bench.launch.local import launch_local
+
+    print(f"study {study.name!r}: {len(study.runs)} runs, local launcher", flush=True)
+    summary = launch_local(study, force=force)
+    print(f"study {study.name!r}: {len(summary.completed)} completed, {len(summary.skipped)} skipped "
+          f"(already completed), {len(summary.failed)} failed")
+    for run_id, error in summary.failed.items():
+        print(f"  FAILED {run_id}: {error}")
+    return 0 if summary.ok else 1
+
+
+def _launch_submitit(study, profile, args: argparse.Namespace, evals: list[str]) -> int:
+    from ssl_bench.launch import slurm
+
+    specs, skipped = slurm.select_runs(study, force=args.force)
+    for run_id, why in skipped.items():
+        print(f"[ssl-bench] {run_id}: not submitted ({why})")
+    if not specs:
+        print(f"study {study.name!r}: nothing to submit; all {len(study.runs)} runs are completed or queued")
+        return 0
+    if args.dry_run:
+        print(f"study {study.name!r}: would submit {len(specs)} of {len(study.runs)} runs "
+              f"(profile {profile.name!r}, {profile.source or 'built-in'}); nothing submitted\n")
+        print(slurm.dry_run_text(study, specs, profile, evals))
+        return 0
+    sub = slurm.submit(study, specs, profile, _submitit_cluster(args.cluster), evals, force=args.force)
+    print(f"study {study.name!r}: submitted {len(sub.train_jobs)} run(s) as array(s) {', '.join(sub.arrays)} "
+          f"in {sub.submit_s:.2f} s (code snapshot {sub.snapshot})")
+    for run_id, job_id in sub.train_jobs.items():
+        print(f"  {run_id}: job {job_id}" + (f", evals job {sub.eval_jobs[run_id]}" if run_id in sub.eval_jobs else ""))
+    if not args.wait:
+        print(f"follow with: ssl-bench grid status {args.study}")
+        return 0
+    states = slurm.wait(study, sub, poll_s=args.poll)
+    failed = {r: s for r, s in states.items() if s not in ("completed", "collapsed")}
+    print(f"study {study.name!r}: {len(states) - len(failed)} finished, {len(failed)} failed"
+          + "".join(f"\n  FAILED {r}: {s}" for r, s in failed.items()))
+    return 1 if failed else 0
+
+
+def cmd_grid_status(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ssl_bench.launch.status import rows_for_table, study_status
+
+    study = load_study(args)
+    states = study_status(study)
+    print(f"study {study.name!r}: {len(states)} runs")
+    print(pd.DataFrame(rows_for_table(states)).to_markdown(index=False))
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_grid_cancel(args: argparse.Namespace) -> int:
+    from ssl_bench.launch.status import cancel
+
+    study = load_study(args)
+    cancelled = cancel(study)
+    for run_id, job_id in cancelled.items():
+        print(f"cancelled {run_id}: job {job_id}")
+    print(f"study {study.name!r}: {len(cancelled)} job(s) cancelled" if cancelled else
+          f"study {study.name!r}: no pending or running SLURM job")
+    return 0
+
+
+def add_grid_parser(sub) -> None:
+    grid = sub.add_parser("grid", help="plan, launch, follow or cancel a study")
+    grid_sub = grid.add_subparsers(dest="grid_command", required=True)
+    for name, func, text in (("plan", cmd_grid_plan, "validate and list the runs of a study"),
+                             ("launch", cmd_grid_launch, "run or submit every run not yet completed"),
+                             ("status", cmd_grid_status, "state, job, nodes, restarts and progress of each run"),
+                             ("cancel", cmd_grid_cancel, "scancel the study's pending and running jobs")):
+        p = grid_sub.add_parser(name, help=text)
+        p.add_argument("study", help="study YAML file in experiments/")
+        p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+        if name in ("plan", "launch"):
+            p.add_argument("--cluster", choices=CLUSTER_CHOICES, default="local",
+                           help="local: this process, one run after another (default); slurm: one submitit job "
+                                "array per study; submitit-local/debug: the same path without SLURM")
+            p.add_argument("--profile", help="cluster profile: a name in slurm/profiles/ or a YAML file")
+        if name == "launch":
+            p.add_argument("--force", action="store_true", help="rerun completed runs too")
+            p.add_argument("--dry-run", action="store_true", help="print the sbatch parameters per run; submit nothing")
+            p.add_argument("--eval", help="evaluations chained after training as dependent jobs, e.g. knn,linear")
+            p.add_argument("--wait", action="store_true", help="wait for the runs, printing each state change")
+            p.add_argument("--poll", type=float, default=10.0, help="seconds between status polls with --wait")
+        p.set_defaults(func=func)
