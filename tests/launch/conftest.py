@@ -87,15 +87,22 @@ def sacct_state(job_id: int | str, env: dict[str, str] | None = None) -> str:
     return out.strip().splitlines()[-1] if out.strip() else ""
 
 
+REQUEUE_SETTLE_S = 3.0
+
+
 def release_held(job_id: int | str, timeout: float = 30.0,
                  env: dict[str, str] | None = None) -> None:
     """Let a requeued job start at once.
 
     Slurm holds a requeued job until BeginTime (now + AuthInfo cred_expire: 30 s
     here, 120 s by default). Waits for the job to be PENDING again, then sets
-    its StartTime to now.
+    its StartTime to now, a few seconds after the requeue: slurmd revokes the old
+    instance's job credential at the requeue, and a credential issued within the
+    same second is revoked too ("Killing non-startable batch JobId=X: Job
+    credential revoked"), which ends the job instead of restarting it.
     """
     wait_for(lambda: squeue_state(job_id, env) == "PENDING", timeout, what=f"job {job_id} pending")
+    time.sleep(REQUEUE_SETTLE_S)
     slurm_cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now", env=env)
 
 

@@ -55,9 +55,10 @@ def test_array_of_two_node_ddp_runs_with_wandb(slurm_cluster, tmp_path, tiny_tre
                              trainer={"num_nodes": 2, "max_steps": 3}, tracking={"wandb": "offline"})
     started = time.time()
     out = cli(slurm_cluster, "grid", "launch", str(study_file), "--cluster", "slurm", "--profile", PROFILE,
-              "--wait", "--poll", "1", cwd=tmp_path)
+              "--eval", "collapse", "--wait", "--poll", "1", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     print(f"array of 2 two-node runs: {time.time() - started:.1f} s end to end")
+    assert "evals job" in out.stdout
     assert "submitted 2 run(s) as array(s)" in out.stdout
     study = load_study(study_file)
     (submission,) = slurm.read_submissions(study)
@@ -77,6 +78,10 @@ def test_array_of_two_node_ddp_runs_with_wandb(slurm_cluster, tmp_path, tiny_tre
         assert wandb_files, "no offline W&B run"
         blob = wandb_files[0].read_bytes()
         assert b"ddp" in blob and f"method.name={spec.method}".encode() in blob  # group and axis tag
+    for spec in study.runs:  # the chained eval array starts once the training array has ended
+        (record,) = wait_for(lambda: list((spec.run_dir / "evals").glob("collapse-*.json")), timeout=180,
+                             what="the chained collapse evaluation")
+        assert json.loads(record.read_text())["metrics"]["rankme"] > 0
     status = cli(slurm_cluster, "grid", "status", str(study_file), cwd=tmp_path)
     assert status.returncode == 0 and "2 completed" in status.stdout and "n[1-2]" in status.stdout
     table = cli(slurm_cluster, "results", "table", str(study_file), cwd=tmp_path)
