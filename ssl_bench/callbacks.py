@@ -276,14 +276,10 @@ class CollapseDiagnostics(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's streaks and verdict, so a resumed run judges collapse as an uninterrupted one."""
-        m = self.monitor
-        return {"collapsed_step": m.collapsed_step, "reason": m.reason,
-                "streaks": {reason: list(value) for reason, value in m._streaks.items()},
-                "stopped_early": self.stopped_early, "last": dict(self.last)}
+        return {**self.monitor.state_dict(), "stopped_early": self.stopped_early, "last": dict(self.last)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.monitor.collapsed_step, self.monitor.reason = state["collapsed_step"], state["reason"]
-        self.monitor._streaks = {reason: tuple(value) for reason, value in state["streaks"].items()}
+        self.monitor.load_state_dict(state)
         self.stopped_early, self.last = state["stopped_early"], dict(state["last"])
 
     def summary(self) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,7 @@ def record(target: Target, kind: str, metrics: dict[str, Any], protocol: dict[st
     entry = {"kind": kind, "eval_id": eval_id, "metrics": metrics, "protocol": protocol, "timing": timing,
              "checkpoint": {k: str(v) if isinstance(v, Path) else _plain(v) for k, v in vars(target.info).items()},
              "code": repro.git_state(), "command": " ".join(sys.argv),
-             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
+             "created": repro.utc_now(), **(extra or {})}
     return tracking.record_eval(target.record_dir, eval_id, entry)
 
 

@@ -87,7 +87,12 @@ def environment(seed: int, world_size: int) -> dict[str, Any]:
     return {"git": git_state(), "versions": package_versions(), "hardware": hardware(),
             "world_size": world_size, "seed": seed,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "started_at": utc_now()}
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 to the second: the timestamp of every record."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def peak_rss_mb() -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import gc
 import logging
 import os
@@ -15,7 +14,6 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -23,13 +21,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ssl_bench import config as config_lib
 from ssl_bench import dist, repro, tracking
 from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, OnlineKNN, Preempted, ProgressLines,
-                                 ResumePoint, agreed_preemption, find_resume_checkpoint)
+                                 agreed_preemption)
 from ssl_bench.data import SSLDataModule
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
 from ssl_bench.eval.features import FeatureCache, weights_sha256
 from ssl_bench.eval.knn_protocol import run_knn
 from ssl_bench.methods import build_method
+from ssl_bench.resume import Attempt, plan_resume, start_attempt
 
 
 @dataclass
@@ -41,21 +40,6 @@ class RunResult:
     timing: dict[str, float] = field(default_factory=dict)
     skipped: bool = False  # completed earlier; nothing was recomputed
     is_main: bool = True  # False on the other ranks of a DDP run, which write no records
-
-
-@dataclass
-class Attempt:
-    """One attempt at a run: where it resumes from and what it has produced so far (for every record)."""
-
-    resume: Optional[ResumePoint] = None
-    knn_init: bool = True  # compute the k-NN at init (False: a resumed attempt reuses the earlier values)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    timing: dict[str, float] = field(default_factory=dict)
-    protocol: dict[str, Any] = field(default_factory=dict)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-    ddp: dict[str, Any] = field(default_factory=dict)  # world size and every rank's teacher hash (DDP only)
-    wandb: Any = None  # the W&B logger, finished with the final record
-    on_init_metrics: Callable[[], None] = lambda: None  # rank 0 records the k-NN at init at once
 
 
 def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
@@ -109,78 +93,6 @@ def _finish(run_dir: tracking.RunDir, attempt: Attempt, result: dict[str, Any]) 
 
 def _printer(main: bool) -> Callable[[str], None]:
     return (lambda line: print(line, flush=True)) if main else (lambda line: None)
-
-
-def plan_resume(cfg: config_lib.Config, run_id: str, directory: Path, previous: Optional[dict], force: bool,
-                log: Callable[[str], None] = print) -> tuple[Optional[ResumePoint], Optional[str]]:
-    """(checkpoint to continue from, None), or (None, why the attempt found there is not continued).
-
-    (None, None) when there is nothing to continue: ``force``, ``train.resume=false`` or no checkpoint.
-    """
-    checkpoints = directory / tracking.CHECKPOINT_DIR
-    if force or not cfg.train.resume or not any(checkpoints.glob("*.ckpt")):
-        return None, None
-    status = previous.get("status") if previous else None
-    reason = None
-    if previous is not None and status not in tracking.UNFINISHED:
-        reason = f"result.json has status {status!r}"
-    elif (saved := _saved_run_id(directory)) != run_id:
-        reason = f"{tracking.CONFIG_FILE} is {'unreadable' if saved is None else f'of run {saved}'}"
-    else:
-        point = find_resume_checkpoint(directory, run_id, log)
-        if point is not None:
-            return point, None
-        reason = f"no loadable checkpoint in {checkpoints}"
-    log(f"[ssl-bench] {run_id}: {reason}; starting from scratch (the old attempt goes to {tracking.ATTEMPTS_DIR}/)")
-    return None, reason
-
-
-def _saved_run_id(directory: Path) -> Optional[str]:
-    try:
-        return config_lib.run_id(config_lib.from_dict(yaml.safe_load((directory / tracking.CONFIG_FILE).read_text())))
-    except Exception:  # missing, unreadable or no longer a valid config: not this run's
-        return None
-
-
-def start_attempt(cfg: config_lib.Config, run_id: str, run_dir: tracking.RunDir, previous: Optional[dict],
-                  attempt: Attempt, fresh_reason: Optional[str]) -> dict[str, Any]:
-    """Rank 0: prepare the run directory for this attempt; returns the fixed part of its result.json."""
-    record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed}
-    if attempt.resume is None:
-        archived = tracking.archive_previous_attempt(run_dir.path) if run_dir.path.exists() else None
-        run_dir.start(cfg, run_id, repro.environment(cfg.seed, cfg.trainer.devices * cfg.trainer.num_nodes))
-        if fresh_reason:
-            record["fresh_start"] = {"reason": fresh_reason, "archived_to": str(archived) if archived else None}
-    else:
-        _continue_attempt(run_id, run_dir, previous or {}, attempt, record)
-    attempt.on_init_metrics = lambda: run_dir.write_result({**record, "status": tracking.STATUS_RUNNING,
-                                                            "metrics": attempt.metrics, "timing": attempt.timing})
-    attempt.on_init_metrics()
-    return record
-
-
-def _continue_attempt(run_id: str, run_dir: tracking.RunDir, previous: dict, attempt: Attempt,
-                      record: dict[str, Any]) -> None:
-    """Set aside the log lines of work to redo, add this resume to ``record`` and reuse the k-NN at init."""
-    resume = attempt.resume
-    assert resume is not None
-    record.update({key: previous[key] for key in ("fresh_start",) if key in previous})
-    _, moved = tracking.set_aside_metrics(run_dir.path, resume.step, tracking.next_attempt_dir(run_dir.path))
-    restarts = os.environ.get("SLURM_RESTART_COUNT")
-    record["resumes"] = list(previous.get("resumes", [])) + [{
-        "from_step": resume.step, "checkpoint": resume.name, "epoch": resume.epoch, "batch": resume.batch,
-        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_restart_count": int(restarts) if restarts and restarts.isdigit() else None,
-        "skipped_checkpoints": resume.problems,
-        "metrics_set_aside": str(moved.relative_to(run_dir.path)) if moved else None}]
-    reused = {k: v for k, v in previous.get("metrics", {}).items() if k.endswith("_init")}
-    if attempt.knn_init and reused:
-        attempt.metrics.update(reused)
-        attempt.timing.update({k: v for k, v in previous.get("timing", {}).items() if k == "knn_init_s"})
-        attempt.knn_init = False
-    print(f"[ssl-bench] resuming {run_id} from step {resume.step} ({tracking.CHECKPOINT_DIR}/{resume.path.name}, "
-          f"epoch {resume.epoch}, batch {resume.batch} of {resume.batches_per_epoch})", flush=True)
 
 
 def _run_attempt(cfg: config_lib.Config, run_dir: tracking.RunDir, attempt: Attempt) -> None:

@@ -117,6 +117,15 @@ class CollapseMonitor:
                     break
         return self.collapsed_step is not None
 
+    def state_dict(self) -> dict:
+        """Streaks and verdict, so a resumed run judges collapse as an uninterrupted one would."""
+        return {"collapsed_step": self.collapsed_step, "reason": self.reason,
+                "streaks": {reason: list(value) for reason, value in self._streaks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.collapsed_step, self.reason = state["collapsed_step"], state["reason"]
+        self._streaks = {reason: tuple(value) for reason, value in state["streaks"].items()}
+
     def summary(self) -> dict:
         return {"collapsed": self.collapsed_step is not None, "collapse_step": self.collapsed_step,
                 "collapse_reason": self.reason, "log_k": round(self.log_k, 4),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import signal
@@ -11,10 +10,6 @@ from typing import Any
 
 from ssl_bench import config as config_lib
 from ssl_bench import repro
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def distributed_env(environ: dict[str, str]) -> dict[str, str]:
@@ -97,7 +92,7 @@ def _record_job_start(directory: Path) -> None:
     entry = {"job_id": job_id, "raw_job_id": os.environ["SLURM_JOB_ID"],
              "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
              "nodelist": os.environ.get("SLURM_JOB_NODELIST"), "ntasks": os.environ.get("SLURM_NTASKS"),
-             "host": os.uname().nodename, "started_at": _now()}
+             "host": os.uname().nodename, "started_at": repro.utc_now()}
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "slurm.jsonl").open("a") as fh:
         fh.write(json.dumps(entry) + "\n")

@@ -56,20 +56,20 @@ class Profile:
     limits: Limits = field(default_factory=Limits)
     source: str = ""  # the file this profile was read from
 
-    def sbatch_parameters(self, nodes: int, tasks_per_node: int) -> dict[str, Any]:
-        """submitit ``slurm_*`` parameters (without the prefix) for a job of this shape."""
-        params: dict[str, Any] = {"nodes": nodes, "ntasks_per_node": tasks_per_node,
-                                  "cpus_per_task": self.cpus_per_task, "time": self.time_min,
-                                  "signal_delay_s": self.signal_delay_s}
+    def slurm_options(self) -> dict[str, Any]:
+        """submitit ``slurm_*`` parameters (without the prefix) that do not depend on the job's shape."""
         optional = {"partition": self.partition, "account": self.account, "qos": self.qos,
                     "constraint": self.constraint, "mem": f"{int(self.mem_gb * 1024)}M" if self.mem_gb else None,
-                    "gpus_per_node": self.gpus_per_node or None}
-        params.update({k: v for k, v in optional.items() if v is not None})
-        if self.sbatch:
-            params["additional_parameters"] = dict(self.sbatch)
-        if self.setup:
-            params["setup"] = list(self.setup)
-        return params
+                    "additional_parameters": dict(self.sbatch) or None}
+        return {"signal_delay_s": self.signal_delay_s, **{k: v for k, v in optional.items() if v is not None}}
+
+    def sbatch_parameters(self, nodes: int, tasks_per_node: int) -> dict[str, Any]:
+        """The sbatch parameters of a job of this shape (for ``--dry-run``)."""
+        params: dict[str, Any] = {"nodes": nodes, "ntasks_per_node": tasks_per_node,
+                                  "cpus_per_task": self.cpus_per_task, "time": self.time_min}
+        if self.gpus_per_node:
+            params["gpus_per_node"] = self.gpus_per_node
+        return {**params, **self.slurm_options()}
 
 
 PROFILE_KEYS = tuple(f.name for f in dataclasses.fields(Profile) if f.name != "source")

@@ -77,17 +77,13 @@ def snapshot_code(destination: Path) -> dict[str, Any]:
     shutil.copytree(source, destination / "ssl_bench", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     state = repro.git_state(source)
     state["source"] = str(source)
-    state["copied_at"] = _now()
+    state["copied_at"] = repro.utc_now()
     if state.get("dirty"):
         diff = subprocess.run(["git", "diff", "HEAD"], cwd=source, capture_output=True, text=True)
         (destination / "diff.patch").write_text(diff.stdout)
         state["diff"] = str(destination / "diff.patch")
     (destination / SNAPSHOT_FILE).write_text(json.dumps(state, indent=2) + "\n")
     return state
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,10 +121,7 @@ def executor_parameters(profile: Profile, shape: JobShape, study: str, cluster: 
         params["gpus_per_node"] = shape.gpus_per_node
     if cluster != "slurm":
         return params
-    sb = profile.sbatch_parameters(shape.nodes, shape.tasks_per_node)
-    for key in ("nodes", "ntasks_per_node", "cpus_per_task", "time", "gpus_per_node"):
-        sb.pop(key, None)
-    params.update({f"slurm_{k}": v for k, v in sb.items()})
+    params.update({f"slurm_{k}": v for k, v in profile.slurm_options().items()})
     params["slurm_array_parallelism"] = profile.array_parallelism
     return params
 
@@ -207,7 +200,7 @@ def submit(study: Study, specs: list[RunSpec], profile: Profile, cluster: str = 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     base = study_root(study).resolve() / SLURM_DIR / stamp
     snapshot_code(base / "code")
-    sub = Submission(stamp, cluster, profile.source or profile.name, str(base / "code"), _now())
+    sub = Submission(stamp, cluster, profile.source or profile.name, str(base / "code"), repro.utc_now())
     factory = executor_factory or (lambda folder: submitit.AutoExecutor(
         folder=folder, cluster=cluster, slurm_max_num_timeout=profile.max_requeues))
     started = time.time()
