@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ssl_bench import config as config_lib
-from ssl_bench.grid_cli import add_grid_parser, load_study
-from ssl_bench.report.curves import DEFAULT_CURVES
+from ssl_bench.grid_cli import add_grid_parser
+from ssl_bench.results_cli import add_results_parser
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -52,51 +52,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
-
-
-def expected_runs(study) -> tuple[list[dict], list[str]]:
-    """The study's runs as dicts for report/, and the axis names (``method.name`` shown as ``method``)."""
-    expected = [{"run_id": s.run_id, "run_dir": s.run_dir, "seed": s.seed, "method": s.method,
-                 "axes": {("method" if k == "method.name" else k): v for k, v in s.axes}} for s in study.runs]
-    rows = [("method" if k == "method.name" else k) for k in study.axes] or ["method"]
-    if "method" not in study.axes and "method.name" not in study.axes:
-        for run in expected:
-            run["axes"].setdefault("method", run["method"])
-    return expected, rows
-
-
-def write_output(text: str, path: str | None) -> None:
-    print(text, end="")
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-
-
-def cmd_results_table(args: argparse.Namespace) -> int:
-    from ssl_bench.report.collect import collect
-    from ssl_bench.report.table import markdown_report
-
-    study = load_study(args)
-    expected, rows = expected_runs(study)
-    write_output(markdown_report(collect(expected), study.name, rows), args.output)
-    return 0
-
-
-def cmd_results_curves(args: argparse.Namespace) -> int:
-    from ssl_bench.report.curves import collect_curves, markdown_curves, plot_curves
-
-    study = load_study(args)
-    expected, rows = expected_runs(study)
-    metrics = args.metric or list(DEFAULT_CURVES)
-    curves = collect_curves(expected, metrics)
-    if curves.empty:
-        raise config_lib.ConfigError(f"study {study.name!r}: no run directory has logged {metrics} yet "
-                                     f"(looked in {len(expected)} run directories under {study.runs[0].run_dir.parent})")
-    write_output(markdown_curves(curves, rows, metrics, args.every), args.output)
-    if args.plot:
-        plot_curves(curves, rows, metrics, args.plot, title=study.name)
-        print(f"figure: {args.plot}")
-    return 0
 
 
 def open_eval_target(args: argparse.Namespace, overrides: list[str]):
@@ -213,22 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_parser(sub)
     add_eval_parser(sub)
 
-    results = sub.add_parser("results", help="tables from run records")
-    results_sub = results.add_subparsers(dest="results_command", required=True)
-    table = results_sub.add_parser("table", help="Markdown table of a study's k-NN results")
-    table.add_argument("study", help="study YAML file")
-    table.add_argument("overrides", nargs="*", help="the same overrides the study was launched with")
-    table.add_argument("--output", help="also write the Markdown to this file")
-    table.set_defaults(func=cmd_results_table)
-    curves = results_sub.add_parser("curves", help="metric curves by step per arm (e.g. collapse diagnostics)")
-    curves.add_argument("study", help="study YAML file")
-    curves.add_argument("overrides", nargs="*", help="the same overrides the study was launched with")
-    curves.add_argument("--metric", action="append",
-                        help=f"metrics.jsonl key; repeatable (default: {' '.join(DEFAULT_CURVES)})")
-    curves.add_argument("--every", type=int, default=50, help="table rows every N steps (and the last step)")
-    curves.add_argument("--output", help="also write the Markdown to this file")
-    curves.add_argument("--plot", help="also draw the curves to this image file (PNG, PDF, SVG)")
-    curves.set_defaults(func=cmd_results_curves)
+    add_results_parser(sub)
     return parser
 
 
@@ -242,6 +182,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         setattr(args, bucket, [*getattr(args, bucket), *extra])
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance footers
     return args
 
 

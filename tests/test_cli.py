@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from ssl_bench.cli import main
@@ -51,3 +52,39 @@ def test_plan_launch_table_end_to_end(tmp_path, tiny_tree, capsys):
     assert main(["results", "curves", str(study), "--every", "1", "--plot", str(png)]) == 0
     curves = capsys.readouterr().out
     assert "collapse/teacher_entropy" in curves and "dino_no_centering" in curves and png.stat().st_size > 1000
+    run_results_commands(tmp_path, study, capsys)
+
+
+def run_results_commands(tmp_path, study, capsys):
+    """collect (CSV, Parquet), table (tex, csv, reference), plot and compare on the runs just trained."""
+    import pandas as pd
+
+    runs_csv, runs_parquet = tmp_path / "runs.csv", tmp_path / "runs.parquet"
+    assert main(["results", "collect", str(study), "--output", str(runs_csv)]) == 0
+    assert main(["results", "collect", str(study), "--output", str(runs_parquet)]) == 0
+    df, pq = pd.read_csv(runs_csv), pd.read_parquet(runs_parquet)
+    assert list(df["status"]) == ["completed"] * 2 and list(pq["run_id"]) == list(df["run_id"])
+    assert {"knn_top1", "git_sha", "hardware", "config.data.name", "timing.wall_s", "study"} <= set(df.columns)
+    capsys.readouterr()
+    assert main(["results", "table", str(study), "--cols", "knn_top1", "--format", "tex"]) == 0
+    tex = capsys.readouterr().out
+    assert r"\toprule" in tex and r"dino\_no\_centering" in tex and "% command: `ssl-bench" in tex
+    ref = tmp_path / "ref.yaml"
+    ref.write_text("title: t\nsource: s\nrows:\n  dino: {knn_top1: 50.0}\n")
+    out_csv = tmp_path / "t.csv"
+    assert main(["results", "table", str(study), "--cols", "knn_top1", "--reference", str(ref),
+                 "--output", str(out_csv)]) == 0
+    table = pd.read_csv(out_csv, comment="#")
+    dino = table[table["method"] == "dino"].iloc[0]
+    assert dino["delta"] == pytest.approx(df.loc[df["method"] == "dino", "knn_top1"].iloc[0] - 50.0)
+    assert main(["results", "table", str(runs_parquet), "--cols", "knn_top1"]) == 0  # from a collected file
+    assert "| dino " in capsys.readouterr().out
+    assert main(["results", "plot", str(study), "--output-dir", str(tmp_path / "figs")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "figs").glob("*.png"))
+    assert "st_collapse.png" in pngs and all((tmp_path / "figs" / p).stat().st_size > 1000 for p in pngs)
+    capsys.readouterr()
+    assert main(["results", "compare", str(runs_csv), str(runs_parquet), "--cols", "knn_top1"]) == 0
+    compare = capsys.readouterr().out
+    assert "+0.00 (n=1)" in compare  # the same runs on both sides: paired differences are exactly 0
+    assert main(["results", "table", str(study), "--cols", "knn_top9"]) == 2
+    assert "knn_top9" in capsys.readouterr().err

@@ -20,7 +20,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per expected run: its axes, seed, status and every metric/timing in result.json.
+    """One row per expected run, from its run directory (result.json, env.json, config.yaml).
 
     Args:
         expected: dicts with ``run_id``, ``run_dir``, ``seed`` and ``axes`` (a dict of
@@ -29,29 +29,94 @@ def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """
     rows = []
     for run in expected:
-        row: dict[str, Any] = {"run_id": run["run_id"], "seed": run["seed"], **run["axes"]}
-        result = read_json(Path(run["run_dir"]) / "result.json")
-        env = read_json(Path(run["run_dir"]) / "env.json") or {}
-        row["status"] = result.get("status", MISSING) if result else MISSING
-        row["method"] = (result or {}).get("method", run.get("method"))
-        row["error"] = (result or {}).get("error")
-        for key, value in ((result or {}).get("metrics") or {}).items():
-            row[key] = value
-        for key, value in ((result or {}).get("timing") or {}).items():
-            row[f"timing.{key}"] = value
-        for key, value in ((result or {}).get("collapse") or {}).items():
-            if key in COLLAPSE_FIELDS:
-                row[f"collapse.{key}"] = value
-        row.update(latest_eval_metrics(result or {}, row))
-        git = env.get("git") or {}
-        row["git_sha"] = git.get("sha")
-        row["git_dirty"] = git.get("dirty")
-        protocol = dict((result or {}).get("protocol") or {})
-        for kind, entry in latest_evals(result or {}).items():
-            protocol.setdefault(kind, entry.get("protocol"))
-        row["protocol"] = json.dumps(protocol, sort_keys=True) if result else None
-        rows.append(row)
+        directory = Path(run["run_dir"])
+        rows.append(run_row(run, read_json(directory / "result.json"), read_json(directory / "env.json"),
+                            read_yaml_quiet(directory / "config.yaml"), source=str(directory)))
     return pd.DataFrame(rows)
+
+
+def run_row(run: dict[str, Any], result: dict[str, Any] | None, env: dict[str, Any] | None,
+            config: dict[str, Any] | None, source: str | None = None) -> dict[str, Any]:
+    """The tidy row of one run: identity and axes, status, every metric and timing, protocol, provenance.
+
+    One function for every source (run directories, W&B), so both give the same columns.
+
+    Args:
+        run: ``run_id``, ``seed``, ``axes`` (axis -> value) and optionally ``method``.
+        result: the result.json record (None: the run has none yet -> status ``missing``).
+        env: the env.json record (git, versions, hardware, world size).
+        config: the resolved config as a nested dict (config.yaml).
+        source: where the record was read (a run directory or a W&B run path).
+    """
+    result, env, config = result or None, env or {}, config or {}
+    row: dict[str, Any] = {"run_id": run["run_id"], "seed": run["seed"], **run["axes"]}
+    row["status"] = result.get("status", MISSING) if result else MISSING
+    row["method"] = (result or {}).get("method", run.get("method"))
+    row["error"] = (result or {}).get("error")
+    for key, value in ((result or {}).get("metrics") or {}).items():
+        row[key] = value
+    for key, value in ((result or {}).get("timing") or {}).items():
+        row[f"timing.{key}"] = value
+    for key, value in ((result or {}).get("collapse") or {}).items():
+        if key in COLLAPSE_FIELDS:
+            row[f"collapse.{key}"] = value
+    row.update(latest_eval_metrics(result or {}, row))
+    row.update(config_fields(config))
+    row.update(provenance_fields(env))
+    protocol = dict((result or {}).get("protocol") or {})
+    for kind, entry in latest_evals(result or {}).items():
+        protocol.setdefault(kind, entry.get("protocol"))
+    row["protocol"] = json.dumps(protocol, sort_keys=True) if result else None
+    row["source"] = source
+    return row
+
+
+# Config values every table footer and comparison needs; dotted paths into the resolved config.
+CONFIG_FIELDS = ("data.name", "data.subset", "data.batch_size", "backbone.name", "optim.epochs",
+                 "trainer.max_steps", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+                 "trainer.precision")
+
+
+def config_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """``config.<dotted key>`` columns for CONFIG_FIELDS (None where the config lacks the key)."""
+    out = {}
+    for dotted in CONFIG_FIELDS:
+        node: Any = config
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[f"config.{dotted}"] = node
+    return out
+
+
+def provenance_fields(env: dict[str, Any]) -> dict[str, Any]:
+    """Git sha and dirty flag, versions and hardware of env.json as flat columns."""
+    git, hardware, versions = env.get("git") or {}, env.get("hardware") or {}, env.get("versions") or {}
+    return {"git_sha": git.get("sha"), "git_dirty": git.get("dirty"),
+            "hardware": hardware_label(hardware), "world_size": env.get("world_size"),
+            "torch_version": versions.get("torch"), "started_at": env.get("started_at"),
+            "slurm_job_id": env.get("slurm_job_id")}
+
+
+def hardware_label(hardware: dict[str, Any]) -> str | None:
+    """``2 CPU cores`` or ``1x NVIDIA H100`` style label from env.json's hardware record."""
+    if not hardware:
+        return None
+    gpus = hardware.get("gpus") or hardware.get("cuda_devices")
+    if hardware.get("cuda") and isinstance(gpus, list) and gpus:
+        names = sorted({str(g.get("name", g)) if isinstance(g, dict) else str(g) for g in gpus})
+        return f"{len(gpus)}x {', '.join(names)}"
+    return f"{hardware.get('cpu_count', '?')} CPU cores ({hardware.get('processor') or 'cpu'})"
+
+
+def read_yaml_quiet(path: Path) -> dict[str, Any] | None:
+    """A YAML file as a dict, or None if it is missing or unreadable (a run still starting)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def latest_evals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -75,26 +75,9 @@ def markdown_curves(curves: pd.DataFrame, axes: Sequence[str], metrics: Sequence
 
 def plot_curves(curves: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str], path: str | Path,
                 title: str = "") -> None:
-    """One panel per metric, one line per arm (mean over seeds, band = min..max over seeds)."""
-    import matplotlib
+    """One panel per metric, one line per arm (mean over seeds, band = min..max), to one image file."""
+    from ssl_bench.report.plots import make_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, panels = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
-    data = curves.copy()
-    data["arm"] = data.apply(arm_label, axis=1, axes=axes)
-    for ax, metric in zip(panels[0], metrics):
-        for arm, group in data.dropna(subset=[metric]).groupby("arm", sort=False):
-            stats = group.groupby("step")[metric].agg(["mean", "min", "max"])
-            ax.plot(stats.index, stats["mean"], label=arm)
-            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
-        ax.set_xlabel("step")
-        ax.set_title(metric)
-    panels[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    fig = make_figure(curves, axes, metrics, title=title, band="range")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=150)

@@ -1,83 +1,150 @@
-"""Markdown result tables grouped by the study's axes, with provenance and missing runs listed."""
+"""Result tables from collected runs: Markdown, LaTeX (booktabs) and CSV, each with a provenance footer."""
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import pandas as pd
 
-COMPLETED = "completed"
-DEFAULT_METRICS = (("knn_top1", "k-NN top-1 (%)"), ("knn_top1_init", "k-NN top-1 at init (%)"),
-                   ("linear_top1", "linear top-1 (%)"))
-# Collapse diagnostics at the last measured step (DINO Fig. 7), shown when the runs have them.
-DIAGNOSTIC_METRICS = (("teacher_entropy_last", "teacher entropy (nats)"), ("kl_teacher_student_last", "KL(t‖s) (nats)"),
-                      ("rankme_last", "RankMe"))
+from ssl_bench.report.aggregate import (COMPLETED, NOT_COUNTED, Cell, aggregate, best_rows, check_columns,
+                                        metric_title)
+from ssl_bench.report.references import Reference, check_reference
+
+DEFAULT_METRICS = ("knn_top1", "knn_top1_init", "linear_top1")
+# Collapse diagnostics at the last measured step (DINO Fig. 7), shown by default when the runs have them.
+DIAGNOSTIC_METRICS = ("teacher_entropy_last", "kl_teacher_student_last", "rankme_last")
+FORMATS = ("md", "tex", "csv")
 
 
-def mean_std(values: pd.Series, digits: int = 2) -> str:
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    if values.empty:
+@dataclass
+class TableSpec:
+    """What a table shows: row axes, metric columns, the spread statistic, an optional reference."""
+
+    rows: Sequence[str]
+    metrics: Sequence[str]
+    ci: bool = False  # spread = 95% t confidence half-width instead of the sample std
+    reference: Reference | None = None
+    digits: int = 2
+    command: str = ""  # the command line that produced the table, for the footer
+
+
+def default_metrics(df: pd.DataFrame) -> list[str]:
+    """The accuracy metrics and collapse diagnostics that at least one run recorded."""
+    return [m for m in (*DEFAULT_METRICS, *DIAGNOSTIC_METRICS) if m in df and df[m].notna().any()]
+
+
+def stat_text(cell: Cell, ci: bool, digits: int) -> str | None:
+    """``mean ± spread`` (``mean`` alone for one value), or None without values."""
+    if cell.mean is None:
+        return None
+    spread = cell.ci95 if ci else cell.std
+    return f"{cell.mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
+def notes(cell: Cell) -> str:
+    """Runs kept out of the statistics, and collapsed runs kept in, e.g. ``n=2 of 3: 1 failed; 2 collapsed``."""
+    parts = []
+    if cell.n < cell.expected:
+        reasons = [f"{c} {s}" for s, c in cell.not_counted.items() if c]
+        reasons += [f"{cell.no_value} without this metric"] if cell.no_value else []
+        parts.append(f"n={cell.n} of {cell.expected}" + (f": {', '.join(reasons)}" if reasons else ""))
+    if cell.collapsed:
+        parts.append(f"{cell.collapsed} collapsed")
+    return "; ".join(parts)
+
+
+def cell_text(cell: Cell, ci: bool, digits: int) -> str:
+    stat, extra = stat_text(cell, ci, digits), notes(cell)
+    if stat is None:
+        states = [f"{c} {s}" for s, c in cell.not_counted.items() if c]
+        return ", ".join(states) if states else ("not recorded" if cell.no_value else "—")
+    return f"{stat} ({extra})" if extra else stat
+
+
+def runs_text(cells: dict[str, Cell]) -> str:
+    """``completed/expected`` runs of a row."""
+    any_cell = next(iter(cells.values()), None)
+    if any_cell is None:
         return "—"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+    counted = sum(any_cell.not_counted.values())
+    return f"{any_cell.expected - counted}/{any_cell.expected}"
 
 
-def minutes(values: pd.Series) -> str:
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    return "—" if values.empty else f"{values.mean() / 60:.1f}"
+def table_rows(df: pd.DataFrame, spec: TableSpec, bold: tuple[str, str]) -> tuple[list[str], list[list[str]]]:
+    """Header and body cells; ``bold`` = (open, close) markup for the best mean per column."""
+    table = aggregate(df, spec.rows, spec.metrics)
+    ref = spec.reference
+    header = [*spec.rows, "runs"]
+    for metric in spec.metrics:
+        header.append(metric_title(metric))
+        if ref is not None and metric in ref.metrics():
+            header += [f"{metric_title(metric)} ref.", f"Δ {metric_title(metric)}"]
+    best = {m: best_rows(table, m) for m in spec.metrics}
+    body = []
+    for label, cells in table.items():
+        line = [*label.split(", ", len(spec.rows) - 1), runs_text(cells)]
+        for metric in spec.metrics:
+            cell = cells[metric]
+            text = cell_text(cell, spec.ci, spec.digits)
+            stat = stat_text(cell, spec.ci, spec.digits)
+            if label in best[metric] and stat is not None:
+                text = text.replace(stat, f"{bold[0]}{stat}{bold[1]}", 1)
+            line.append(text)
+            if ref is not None and metric in ref.metrics():
+                cell.reference = ref.value(label, metric)
+                line += ["—" if cell.reference is None else f"{cell.reference:.{spec.digits}f}",
+                         "—" if cell.delta is None else f"{cell.delta:+.{spec.digits}f}"]
+        body.append(line)
+    return header, body
 
 
-def collapsed(done: pd.DataFrame) -> str:
-    """``n/m`` runs flagged collapsed, with the steps where it happened."""
-    flags = done["collapse.collapsed"].fillna(False).astype(bool)
-    steps = ", ".join(str(int(s)) for s in done.loc[flags, "collapse.collapse_step"].dropna())
-    return f"{int(flags.sum())}/{len(done)}" + (f" (step {steps})" if steps else "")
-
-
-def summary_table(df: pd.DataFrame, rows: Sequence[str],
-                  metrics: Sequence[tuple[str, str]] = DEFAULT_METRICS) -> pd.DataFrame:
-    """One line per combination of ``rows`` values: completed/expected runs, metric mean ± std, wall time.
-
-    Metrics no run has (e.g. k-NN at init when it was switched off) are left out; collapse
-    diagnostics and the collapse flag are added when the runs recorded them.
-    """
-    metrics = [(m, t) for m, t in metrics if m in df and df[m].notna().any()]
-    metrics += [(m, t) for m, t in DIAGNOSTIC_METRICS if m in df and df[m].notna().any()]
-    lines = []
-    for key, group in df.groupby(list(rows), sort=False, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        done = group[group["status"] == COMPLETED]
-        line: dict[str, Any] = dict(zip(rows, key))
-        line["runs"] = f"{len(done)}/{len(group)}"
-        for metric, title in metrics:
-            line[title] = mean_std(done[metric]) if metric in done else "—"
-        if "collapse.collapsed" in done:
-            line["collapsed"] = collapsed(done)
-        line["wall time (min)"] = minutes(done["timing.wall_s"]) if "timing.wall_s" in done else "—"
-        lines.append(line)
-    return pd.DataFrame(lines)
-
-
-def incomplete_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """Runs that are not completed (missing, running, failed), so none is silently dropped."""
-    bad = df[df["status"] != COMPLETED]
-    cols = [c for c in ("run_id", "method", "seed", "status", "error") if c in bad]
-    return bad[cols]
-
-
-def provenance(df: pd.DataFrame, study: str) -> list[str]:
-    """Footer lines: study, runs, git shas with dirty flags, evaluation protocol."""
+def provenance(df: pd.DataFrame, study: str, spec: TableSpec | None = None) -> list[str]:
+    """Footer lines: study and run states, statistic, code (git sha, dirty), data, hardware, protocol, reference."""
     done = df[df["status"] == COMPLETED]
+    states = df["status"].value_counts().to_dict()
+    order = [s for s in (COMPLETED, *NOT_COUNTED) if s in states] + [s for s in states if s not in NOT_COUNTED
+                                                                     and s != COMPLETED]
+    lines = [f"study `{study}`: {len(df)} runs, " + ", ".join(f"{states[s]} {s}" for s in order)]
+    if spec is not None:
+        spread = "95% confidence half-width (Student t)" if spec.ci else "sample std (ddof=1)"
+        lines.append(f"cells: mean ± {spread} over the completed runs (seeds) of a row; n is given when some "
+                     f"runs have no value; bold = best mean where higher/lower is better")
     shas = sorted({f"{s[:10]}{' (dirty)' if d is True else ''}" if isinstance(s, str) else "unknown (not a git checkout)"
                    for s, d in zip(done["git_sha"], done["git_dirty"])})
-    protocols = sorted({p for p in done["protocol"].dropna()})
-    lines = [f"study `{study}`: {len(done)} of {len(df)} runs completed",
-             f"code: git {', '.join(shas) if shas else 'unknown'}"]
-    for p in protocols:
+    lines.append(f"code: git {', '.join(shas) if shas else 'unknown'}")
+    lines += setup_lines(done)
+    for p in sorted({p for p in done["protocol"].dropna()}):
         lines += protocol_lines(json.loads(p) or {})
+    if spec is not None and spec.reference is not None:
+        ref = spec.reference
+        lines.append(f"reference: {ref.title} ({ref.source}; {ref.path})" + (f"; {ref.note}" if ref.note else ""))
+    if spec is not None and spec.command:
+        lines.append(f"command: `{spec.command}`")
     return list(dict.fromkeys(lines))  # runs of one study share protocols: say each once
+
+
+def _values(done: pd.DataFrame, column: str) -> str:
+    if column not in done:
+        return "?"
+    values = [v for v in dict.fromkeys(done[column].tolist()) if v is not None and not pd.isna(v)]
+    return ", ".join(str(int(v) if isinstance(v, float) and v.is_integer() else v) for v in values) or "?"
+
+
+def setup_lines(done: pd.DataFrame) -> list[str]:
+    """Data, model, length and hardware of the completed runs (every distinct value, so mixes show)."""
+    if done.empty:
+        return []
+    subset = _values(done, "config.data.subset")
+    data = _values(done, "config.data.name") + ("" if subset == "?" else f" (training subset {subset})")
+    steps = _values(done, "timing.steps") if "timing.steps" in done else "?"
+    lines = [f"data: {data}; backbone {_values(done, 'config.backbone.name')}; epochs {_values(done, 'config.optim.epochs')}"
+             f"; batch {_values(done, 'config.data.batch_size')}" + (f"; steps {steps}" if steps != "?" else "")]
+    lines.append(f"hardware: {_values(done, 'hardware')}; world size {_values(done, 'world_size')}; "
+                 f"torch {_values(done, 'torch_version')}")
+    return lines
 
 
 def protocol_lines(protocol: dict[str, Any]) -> list[str]:
@@ -97,11 +164,89 @@ def protocol_lines(protocol: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown_report(df: pd.DataFrame, study: str, rows: Sequence[str]) -> str:
-    """The table, the list of incomplete runs and the provenance footer, as Markdown."""
-    parts = [summary_table(df, rows).to_markdown(index=False, disable_numparse=True)]
+def incomplete_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs that are not completed (missing, running, failed), so none is silently dropped."""
+    bad = df[df["status"] != COMPLETED]
+    cols = [c for c in ("run_id", "method", "seed", "status", "error") if c in bad]
+    return bad[cols]
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if i < 1 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "‖": r"$\|$",
+        "Δ": r"$\Delta$", "—": "---", "–": "--", "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$"}
+
+
+def tex_escape(text: str) -> str:
+    """Text safe inside a LaTeX tabular cell: special characters escaped, ±/‖/Δ as math."""
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def latex(header: list[str], body: list[list[str]], n_rows: int, comments: list[str]) -> str:
+    """A booktabs ``tabular`` for ``\\input{}``, provenance as ``%`` comments above it."""
+    align = "l" * n_rows + "r" * (len(header) - n_rows)
+    out = [f"% {line}" for line in comments]
+    out += [f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(tex_escape(h) for h in header) + r" \\",
+            "\\midrule"]
+    for row in body:
+        cells = []
+        for c in row:
+            if "\x00" in c:  # bold markers from table_rows
+                pre, rest = c.split("\x00", 1)
+                mid, post = rest.split("\x01", 1)
+                cells.append(f"{tex_escape(pre)}\\textbf{{{tex_escape(mid)}}}{tex_escape(post)}")
+            else:
+                cells.append(tex_escape(c))
+        out.append(" & ".join(cells) + r" \\")
+    out += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def tidy(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    """One line per (row, metric) with numeric mean, std, n, ci95, run-state counts, reference and delta."""
+    table = aggregate(df, spec.rows, spec.metrics)
+    lines = []
+    for label, cells in table.items():
+        for metric, cell in cells.items():
+            if spec.reference is not None:
+                cell.reference = spec.reference.value(label, metric)
+            lines.append({**dict(zip(spec.rows, label.split(", ", len(spec.rows) - 1))), **cell.record()})
+    return pd.DataFrame(lines)
+
+
+def render(df: pd.DataFrame, study: str, spec: TableSpec, fmt: str = "md") -> str:
+    """The table in ``fmt`` (md | tex | csv) with its provenance footer; errors name bad rows/cols."""
+    check_columns(df, spec.rows, spec.metrics)
+    if spec.reference is not None:
+        labels = list(aggregate(df, spec.rows, spec.metrics))
+        unused = check_reference(spec.reference, labels, spec.metrics)
+    else:
+        unused = []
+    footer = provenance(df, study, spec)
+    if unused:
+        footer.append(f"reference rows not in this study: {', '.join(unused)}")
+    if fmt == "csv":
+        buf = io.StringIO()
+        buf.write("".join(f"# {line}\n" for line in footer))
+        tidy(df, spec).to_csv(buf, index=False)
+        return buf.getvalue()
+    if fmt == "tex":
+        header, body = table_rows(df, spec, ("\x00", "\x01"))
+        return latex(header, body, len(spec.rows), footer)
+    if fmt != "md":
+        from ssl_bench.config import ConfigError
+
+        raise ConfigError(f"--format {fmt!r}: valid formats are {', '.join(FORMATS)}")
+    header, body = table_rows(df, spec, ("**", "**"))
+    parts = [markdown(header, body)]
     bad = incomplete_runs(df)
     if not bad.empty:
-        parts.append("Runs not in the table (not completed):\n\n" + bad.to_markdown(index=False, disable_numparse=True))
-    parts.append("\n".join(f"- {line}" for line in provenance(df, study)))
+        parts.append("Runs not in the statistics (not completed):\n\n"
+                     + bad.to_markdown(index=False, disable_numparse=True))
+    parts.append("\n".join(f"- {line}" for line in footer))
     return "\n\n".join(parts) + "\n"
