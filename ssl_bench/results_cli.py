@@ -159,6 +159,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
                                args.entity or tracking.wandb_entity, keys=metrics, expected=expected)
     else:
         curves = collect_curves(expected, metrics)
+    if "knn/top1" in metrics:
+        from ssl_bench.report.collect import collect
+        from ssl_bench.report.curves import with_knn_endpoints
+
+        curves = with_knn_endpoints(curves, collect(expected), rows)
     if curves.empty:
         raise config_lib.ConfigError(f"study {study.name!r}: no run has logged {metrics} yet "
                                      f"(looked in {len(expected)} runs, source {args.source})")

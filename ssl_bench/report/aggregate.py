@@ -22,6 +22,8 @@ METRIC_TITLES = {
 }
 # Which way is better, for bolding the best row. Collapse diagnostics have no better direction (a high
 # entropy is uniform collapse, a low one one-hot collapse), so they are never bolded.
+# Metrics measured before training (k-NN at init): a run's collapse does not concern them.
+BEFORE_TRAINING = "_init"
 HIGHER_IS_BETTER = ("knn_", "linear_top", "rankme")
 LOWER_IS_BETTER = ("loss", "timing.")
 
@@ -161,7 +163,8 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str]) -> 
             cells[metric] = Cell(metric, [float(v) for v in values[present]], expected=len(group),
                                  not_counted={str(s): int(c) for s, c in states.items()},
                                  no_value=int((~present).sum()) if metric in done else len(done),
-                                 collapsed=int(flags[present].sum()) if len(present) else 0)
+                                 collapsed=0 if metric.endswith(BEFORE_TRAINING) or not len(present)
+                                 else int(flags[present].sum()))
         table[label] = cells
     return table
 

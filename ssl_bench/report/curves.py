@@ -42,6 +42,34 @@ def collect_curves(expected: Iterable[dict[str, Any]], metrics: Sequence[str]) -
     return pd.DataFrame(rows)
 
 
+ONLINE_KNN = "knn/top1"  # the online k-NN key in metrics.jsonl (tracking.ONLINE_KNN_PREFIX + "top1")
+
+
+def with_knn_endpoints(curves: pd.DataFrame, runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
+    """Add each run's k-NN at init (step 0) and final k-NN (last training step) to the online k-NN curve.
+
+    The online k-NN (``eval.knn_every_n_epochs``) is logged between epochs only; the randomly
+    initialised backbone and the final evaluation, same protocol, are in result.json.
+
+    Args:
+        curves: long table from ``collect_curves``.
+        runs: the study's rows from ``collect.collect`` (``knn_top1_init``, ``knn_top1``, ``timing.train_steps``).
+        axes: the arm columns, copied onto the added rows.
+    """
+    done = runs[runs["status"] == "completed"] if "status" in runs else runs
+    points = []
+    for _, run in done.iterrows():
+        base = {"run_id": run["run_id"], "seed": run["seed"], **{a: run[a] for a in axes}}
+        if pd.notna(run.get("knn_top1_init")):
+            points.append({**base, "step": 0, ONLINE_KNN: float(run["knn_top1_init"])})
+        if pd.notna(run.get("knn_top1")) and pd.notna(run.get("timing.train_steps")):
+            points.append({**base, "step": int(run["timing.train_steps"]), ONLINE_KNN: float(run["knn_top1"])})
+    if not points:
+        return curves
+    added = pd.DataFrame(points)
+    return pd.concat([curves, added], ignore_index=True).sort_values(["run_id", "step"], kind="stable")
+
+
 def arm_label(row: pd.Series, axes: Sequence[str]) -> str:
     return ", ".join(str(row[a]) for a in axes)
 

@@ -139,7 +139,7 @@ def setup_lines(done: pd.DataFrame) -> list[str]:
         return []
     subset = _values(done, "config.data.subset")
     data = _values(done, "config.data.name") + ("" if subset == "?" else f" (training subset {subset})")
-    steps = _values(done, "timing.steps") if "timing.steps" in done else "?"
+    steps = _values(done, "timing.train_steps")
     lines = [f"data: {data}; backbone {_values(done, 'config.backbone.name')}; epochs {_values(done, 'config.optim.epochs')}"
              f"; batch {_values(done, 'config.data.batch_size')}" + (f"; steps {steps}" if steps != "?" else "")]
     lines.append(f"hardware: {_values(done, 'hardware')}; world size {_values(done, 'world_size')}; "

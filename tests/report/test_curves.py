@@ -27,3 +27,17 @@ def test_seed_means_at_every_nth_and_last_step(tmp_path):
     assert table.loc[20, "dino"] == 4.0 and table.loc[25, "dino_no_centering"] == 0.0
     text = markdown_curves(curves, ["method"], ["collapse/teacher_entropy", "collapse/rankme"], every=20)
     assert "mean over 1–2 seeds" in text and "no run logged `collapse/rankme`" in text
+
+
+def test_knn_curve_gets_init_and_final_points():
+    import pandas as pd
+
+    from ssl_bench.report.curves import with_knn_endpoints
+
+    curves = pd.DataFrame([{"run_id": "r0", "seed": 0, "method": "dino", "step": 750, "knn/top1": 60.0}])
+    runs = pd.DataFrame([{"run_id": "r0", "seed": 0, "method": "dino", "status": "completed", "knn_top1_init": 55.0,
+                          "knn_top1": 65.0, "timing.train_steps": 1500},
+                         {"run_id": "r1", "seed": 1, "method": "dino", "status": "failed", "knn_top1_init": 54.0,
+                          "knn_top1": None, "timing.train_steps": None}])
+    out = with_knn_endpoints(curves, runs, ["method"])
+    assert list(zip(out["step"], out["knn/top1"])) == [(0, 55.0), (750, 60.0), (1500, 65.0)]

@@ -79,7 +79,7 @@ def test_markdown_cells_say_what_is_missing(study):
              for line in text.splitlines() if line.startswith("| dino")}
     assert lines["dino"] == ["3/3", "**82.00 ± 2.00**", "**71.00 ± 1.00**"]
     assert lines["dino_no_centering"] == ["1/3", "70.00 (n=1 of 3: 1 failed, 1 missing; 1 collapsed)",
-                                          "70.00 (n=1 of 3: 1 failed, 1 missing; 1 collapsed)"]
+                                          "70.00 (n=1 of 3: 1 failed, 1 missing)"]  # init: before any collapse
     assert lines["dino_sinkhorn"] == ["0/1", "1 running", "1 running"]
     assert "RuntimeError: boom" in text and "| b2" in text  # incomplete runs listed with their error
     assert "7 runs, 4 completed, 1 failed, 1 running, 1 missing" in text
@@ -165,3 +165,8 @@ def test_bad_reference_and_columns_are_named(tmp_path, study):
         render(study, "s", TableSpec(rows=["optim.lr"], metrics=["knn_top1"]))
     with pytest.raises(ConfigError, match="does not exist"):
         load_reference(tmp_path / "nope.yaml")
+
+
+def test_collapse_note_skips_metrics_measured_at_init(study):
+    cells = aggregate(study, ["method"], ["knn_top1", "knn_top1_init"])["dino_no_centering"]
+    assert cells["knn_top1"].collapsed == 1 and cells["knn_top1_init"].collapsed == 0
