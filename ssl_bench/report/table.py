@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -116,8 +117,10 @@ def provenance(df: pd.DataFrame, study: str, spec: TableSpec | None = None) -> l
                    for s, d in zip(done["git_sha"], done["git_dirty"])})
     lines.append(f"code: git {', '.join(shas) if shas else 'unknown'}")
     lines += setup_lines(done)
+    protocols: list[str] = []
     for p in sorted({p for p in done["protocol"].dropna()}):
-        lines += protocol_lines(json.loads(p) or {})
+        protocols += protocol_lines(json.loads(p) or {})
+    lines += merge_seeds(protocols)
     if spec is not None and spec.reference is not None:
         ref = spec.reference
         lines.append(f"reference: {ref.title} ({ref.source}; {ref.path})" + (f"; {ref.note}" if ref.note else ""))
@@ -145,6 +148,24 @@ def setup_lines(done: pd.DataFrame) -> list[str]:
     lines.append(f"hardware: {_values(done, 'hardware')}; world size {_values(done, 'world_size')}; "
                  f"torch {_values(done, 'torch_version')}")
     return lines
+
+
+_SEED = re.compile(r"\(seed (\d+)\)")
+
+
+def merge_seeds(lines: list[str]) -> list[str]:
+    """Protocol lines that differ only in their subset seeds, said once: ``(seed 0)``... -> ``(seeds 0, 1, 2)``."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        groups.setdefault(_SEED.sub("(seed #)", line), []).append(line)
+    out = []
+    for template, members in groups.items():
+        seeds = sorted({int(x) for line in members for x in _SEED.findall(line)})
+        if len(members) < 2 or len(seeds) < 2:
+            out += list(dict.fromkeys(members))
+            continue
+        out.append(template.replace("(seed #)", f"(seeds {', '.join(map(str, seeds))})"))
+    return out
 
 
 def protocol_lines(protocol: dict[str, Any]) -> list[str]:

@@ -170,3 +170,12 @@ def test_bad_reference_and_columns_are_named(tmp_path, study):
 def test_collapse_note_skips_metrics_measured_at_init(study):
     cells = aggregate(study, ["method"], ["knn_top1", "knn_top1_init"])["dino_no_centering"]
     assert cells["knn_top1"].collapsed == 1 and cells["knn_top1_init"].collapsed == 0
+
+
+def test_protocol_lines_differing_only_by_seed_are_merged():
+    from ssl_bench.report.table import merge_seeds
+
+    lines = [f"k-NN protocol: bank = train subset 5000 (seed {s}); test = test subset 1000 (seed {s})" for s in (2, 0, 1)]
+    assert merge_seeds(lines) == ["k-NN protocol: bank = train subset 5000 (seeds 0, 1, 2); "
+                                  "test = test subset 1000 (seeds 0, 1, 2)"]
+    assert merge_seeds(["a (seed 0)", "b"]) == ["a (seed 0)", "b"]
