@@ -46,6 +46,7 @@ METHOD_COLOURS = {
 # Dark and muted tones (matplotlib's tab20b) that none of the fixed colours above is close to.
 FALLBACK_PALETTE = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
                     "#5254a3", "#8ca252", "#bd9e39", "#ad494a", "#a55194")
+SPARSE_POINTS = 12  # curves with this many points or fewer get markers
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -61,7 +62,7 @@ FIGURES: dict[str, FigureSpec] = {
     "collapse": FigureSpec(("collapse/teacher_entropy", "collapse/kl_teacher_student"),
                            "Collapse diagnostics (DINO Fig. 7)",
                            ("teacher entropy (nats)", "KL(teacher || student) (nats)")),
-    "knn": FigureSpec(("knn/top1",), "Online k-NN accuracy", ("k-NN top-1 (%)",)),
+    "knn": FigureSpec(("knn/top1",), "k-NN accuracy over training (init, online, final)", ("k-NN top-1 (%)",)),
     "loss": FigureSpec(("train/loss",), "Training loss", ("train loss",)),
     "rank": FigureSpec(("collapse/rankme", "collapse/feature_std"), "Embedding spread (RankMe, feature std)",
                        ("RankMe", "feature std (L2-normalised)")),
@@ -200,7 +201,9 @@ def make_figure(curves: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str
         seeds = _seed_counts(data, metric)
         for arm, stats in band_stats(curves, axes, metric, band).items():
             style = styles[arm]
-            ax.plot(stats.index, stats["mean"], label=f"{arm} (n={seeds[arm]})", linewidth=1.5, **style)
+            marker = "o" if len(stats) <= SPARSE_POINTS else None  # a few evaluations: show where they are
+            ax.plot(stats.index, stats["mean"], label=f"{arm} (n={seeds[arm]})", linewidth=1.5, marker=marker,
+                    markersize=4, **style)
             ax.fill_between(stats.index, stats["low"], stats["high"], color=style["color"], alpha=0.2, linewidth=0)
         _draw_hlines(ax, (hlines or {}).get(metric, ()))
         ax.set_xlabel("step")
