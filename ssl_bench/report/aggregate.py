@@ -136,8 +136,11 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
         if name in _RECORD_COLUMNS or ("." in name and not name.startswith("timing.")):
             continue
         column = df[name]
-        numeric = column.map(lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
-        if numeric.all() and pd.to_numeric(column, errors="coerce").notna().any():
+        if pd.api.types.is_bool_dtype(column):
+            continue
+        numeric = pd.api.types.is_numeric_dtype(column) or column.map(
+            lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))).all()
+        if numeric and pd.to_numeric(column, errors="coerce").notna().any():
             out.append(name)
     return out
 
