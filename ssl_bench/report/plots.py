@@ -62,7 +62,7 @@ FIGURES: dict[str, FigureSpec] = {
     "collapse": FigureSpec(("collapse/teacher_entropy", "collapse/kl_teacher_student"),
                            "Collapse diagnostics (DINO Fig. 7)",
                            ("teacher entropy (nats)", "KL(teacher || student) (nats)")),
-    "knn": FigureSpec(("knn/top1",), "k-NN accuracy over training (init, online, final)", ("k-NN top-1 (%)",)),
+    "knn": FigureSpec(("knn/top1",), "k-NN over training", ("k-NN top-1 (%)",)),
     "loss": FigureSpec(("train/loss",), "Training loss", ("train loss",)),
     "rank": FigureSpec(("collapse/rankme", "collapse/feature_std"), "Embedding spread (RankMe, feature std)",
                        ("RankMe", "feature std (L2-normalised)")),
