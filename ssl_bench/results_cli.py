@@ -48,9 +48,7 @@ def load_runs(target: str, overrides: list[str], source: str = "runs", project: 
     if source == "wandb":
         from ssl_bench.report.wandb_source import collect_wandb
 
-        tracking = study.runs[0].config.tracking
-        df = collect_wandb(study.name, project or tracking.wandb_project, entity or tracking.wandb_entity,
-                           expected=expected)
+        df = collect_wandb(study.name, *_wandb_target(study, project, entity), expected=expected)
     else:
         from ssl_bench.report.collect import collect
 
@@ -144,36 +142,49 @@ def _side_label(df: pd.DataFrame, study: str, root: str | None) -> str:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from ssl_bench.launch.grid import load_study
-    from ssl_bench.report.curves import collect_curves
     from ssl_bench.report.plots import FIGURES, plot_study
 
     study = load_study(args.study, args.overrides)
     expected, rows = expected_runs(study)
     metrics = sorted({m for name in args.figures for m in FIGURES[name][0]}) if args.figures else \
         sorted({m for spec in FIGURES.values() for m in spec[0]})
-    if args.source == "wandb":
-        from ssl_bench.report.wandb_source import history_wandb
-
-        tracking = study.runs[0].config.tracking
-        curves = history_wandb(study.name, args.project or tracking.wandb_project,
-                               args.entity or tracking.wandb_entity, keys=metrics, expected=expected)
-    else:
-        curves = collect_curves(expected, metrics)
+    curves = study_curves(study, expected, metrics, args.source, args.project, args.entity)
     if "knn/top1" in metrics:
         from ssl_bench.report.collect import collect
         from ssl_bench.report.curves import with_knn_endpoints
 
         curves = with_knn_endpoints(curves, collect(expected), rows)
-    if curves.empty:
-        raise config_lib.ConfigError(f"study {study.name!r}: no run has logged {metrics} yet "
-                                     f"(looked in {len(expected)} runs, source {args.source})")
     out_dir = Path(args.output_dir or Path("results") / study.name)
     hlines = _entropy_ceiling(study)
     written = plot_study(curves, rows, out_dir, study.name, figures=tuple(args.figures or FIGURES), hlines=hlines,
                          band=args.band)
     for name, paths in written.items():
-        print(f"{name}: {', '.join(str(p) for p in paths)}" if paths else f"{name}: skipped (no run logged its metrics)")
+        print(f"{name}: {', '.join(str(p) for p in paths)}" if paths else f"{name}: skipped ({written.skipped[name]})")
     return 0
+
+
+def study_curves(study, expected: list[dict], metrics: list[str], source: str = "runs", project: str | None = None,
+                 entity: str | None = None) -> pd.DataFrame:
+    """Per-step metrics of the study's runs from their metrics.jsonl or W&B history; an error if none logged them."""
+    from ssl_bench.report.curves import collect_curves
+
+    if source == "wandb":
+        from ssl_bench.report.wandb_source import history_wandb
+
+        project, entity = _wandb_target(study, project, entity)
+        curves = history_wandb(study.name, project, entity, keys=metrics, expected=expected)
+    else:
+        curves = collect_curves(expected, metrics)
+    if curves.empty:
+        raise config_lib.ConfigError(f"study {study.name!r}: no run has logged {metrics} yet (looked in "
+                                     f"{len(expected)} runs, source {source}, under {study.runs[0].run_dir.parent})")
+    return curves
+
+
+def _wandb_target(study, project: str | None, entity: str | None) -> tuple[str, str | None]:
+    """The W&B project and entity: the options, else the study's tracking settings."""
+    tracking = study.runs[0].config.tracking
+    return project or tracking.wandb_project, entity or tracking.wandb_entity
 
 
 def _entropy_ceiling(study) -> dict[str, list[tuple[float, str]]]:
@@ -186,15 +197,12 @@ def _entropy_ceiling(study) -> dict[str, list[tuple[float, str]]]:
 
 def cmd_curves(args: argparse.Namespace) -> int:
     from ssl_bench.launch.grid import load_study
-    from ssl_bench.report.curves import collect_curves, markdown_curves, plot_curves
+    from ssl_bench.report.curves import markdown_curves, plot_curves
 
     study = load_study(args.study, args.overrides)
     expected, rows = expected_runs(study)
     metrics = args.metric or list(DEFAULT_CURVES)
-    curves = collect_curves(expected, metrics)
-    if curves.empty:
-        raise config_lib.ConfigError(f"study {study.name!r}: no run directory has logged {metrics} yet "
-                                     f"(looked in {len(expected)} run directories under {study.runs[0].run_dir.parent})")
+    curves = study_curves(study, expected, metrics)
     write_output(markdown_curves(curves, rows, metrics, args.every), args.output)
     if args.plot:
         plot_curves(curves, rows, metrics, args.plot, title=study.name)

@@ -74,9 +74,19 @@ def runs_text(cells: dict[str, Cell]) -> str:
     return f"{any_cell.expected - counted}/{any_cell.expected}"
 
 
-def table_rows(df: pd.DataFrame, spec: TableSpec, bold: tuple[str, str]) -> tuple[list[str], list[list[str]]]:
-    """Header and body cells; ``bold`` = (open, close) markup for the best mean per column."""
+def cells(df: pd.DataFrame, spec: TableSpec) -> dict[str, dict[str, Cell]]:
+    """The table's cells (``aggregate``), with the reference value set where the reference has one."""
     table = aggregate(df, spec.rows, spec.metrics)
+    if spec.reference is not None:
+        for label, row in table.items():
+            for metric, cell in row.items():
+                cell.reference = spec.reference.value(label, metric)
+    return table
+
+
+def table_rows(table: dict[str, dict[str, Cell]], spec: TableSpec, bold: tuple[str, str]
+               ) -> tuple[list[str], list[list[str]]]:
+    """Header and body cells of ``cells()``; ``bold`` = (open, close) markup for the best mean per column."""
     ref = spec.reference
     header = [*spec.rows, "runs"]
     for metric in spec.metrics:
@@ -85,17 +95,16 @@ def table_rows(df: pd.DataFrame, spec: TableSpec, bold: tuple[str, str]) -> tupl
             header += [f"{metric_title(metric)} ref.", f"Δ {metric_title(metric)}"]
     best = {m: best_rows(table, m) for m in spec.metrics}
     body = []
-    for label, cells in table.items():
-        line = [*label.split(", ", len(spec.rows) - 1), runs_text(cells)]
+    for label, row in table.items():
+        line = [*label.split(", ", len(spec.rows) - 1), runs_text(row)]
         for metric in spec.metrics:
-            cell = cells[metric]
+            cell = row[metric]
             text = cell_text(cell, spec.ci, spec.digits)
             stat = stat_text(cell, spec.ci, spec.digits)
             if label in best[metric] and stat is not None:
                 text = text.replace(stat, f"{bold[0]}{stat}{bold[1]}", 1)
             line.append(text)
             if ref is not None and metric in ref.metrics():
-                cell.reference = ref.value(label, metric)
                 line += ["—" if cell.reference is None else f"{cell.reference:.{spec.digits}f}",
                          "—" if cell.delta is None else f"{cell.delta:+.{spec.digits}f}"]
         body.append(line)
@@ -228,14 +237,11 @@ def latex(header: list[str], body: list[list[str]], n_rows: int, comments: list[
     return "\n".join(out) + "\n"
 
 
-def tidy(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+def tidy(table: dict[str, dict[str, Cell]], spec: TableSpec) -> pd.DataFrame:
     """One line per (row, metric) with numeric mean, std, n, ci95, run-state counts, reference and delta."""
-    table = aggregate(df, spec.rows, spec.metrics)
     lines = []
-    for label, cells in table.items():
-        for metric, cell in cells.items():
-            if spec.reference is not None:
-                cell.reference = spec.reference.value(label, metric)
+    for label, row in table.items():
+        for cell in row.values():
             lines.append({**dict(zip(spec.rows, label.split(", ", len(spec.rows) - 1))), **cell.record()})
     return pd.DataFrame(lines)
 
@@ -243,27 +249,24 @@ def tidy(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
 def render(df: pd.DataFrame, study: str, spec: TableSpec, fmt: str = "md") -> str:
     """The table in ``fmt`` (md | tex | csv) with its provenance footer; errors name bad rows/cols."""
     check_columns(df, spec.rows, spec.metrics)
-    if spec.reference is not None:
-        labels = list(aggregate(df, spec.rows, spec.metrics))
-        unused = check_reference(spec.reference, labels, spec.metrics)
-    else:
-        unused = []
+    table = cells(df, spec)
+    unused = check_reference(spec.reference, list(table), spec.metrics) if spec.reference is not None else []
     footer = provenance(df, study, spec)
     if unused:
         footer.append(f"reference rows not in this study: {', '.join(unused)}")
     if fmt == "csv":
         buf = io.StringIO()
         buf.write("".join(f"# {line}\n" for line in footer))
-        tidy(df, spec).to_csv(buf, index=False)
+        tidy(table, spec).to_csv(buf, index=False)
         return buf.getvalue()
     if fmt == "tex":
-        header, body = table_rows(df, spec, ("\x00", "\x01"))
+        header, body = table_rows(table, spec, ("\x00", "\x01"))
         return latex(header, body, len(spec.rows), footer)
     if fmt != "md":
         from ssl_bench.config import ConfigError
 
         raise ConfigError(f"--format {fmt!r}: valid formats are {', '.join(FORMATS)}")
-    header, body = table_rows(df, spec, ("**", "**"))
+    header, body = table_rows(table, spec, ("**", "**"))
     parts = [markdown(header, body)]
     bad = incomplete_runs(df)
     if not bad.empty:
