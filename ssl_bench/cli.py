@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ssl_bench import config as config_lib
+from ssl_bench.bench_cli import add_bench_parser
 from ssl_bench.grid_cli import add_grid_parser
 from ssl_bench.results_cli import add_results_parser
 
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
 
     add_results_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -175,6 +175,21 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Levers that change how fast a step runs, not what it computes (kept out of the run id).
+
+    ``null`` (auto) picks what measured faster (README "Speed"): channels_last for convolutional
+    backbones, the small-map convolution gradient on CPU.
+    """
+
+    compile: bool = False  # torch.compile of backbones and heads (minutes of compilation first)
+    channels_last: Optional[bool] = None  # NHWC memory format for convolutional backbones; null = auto
+    small_map_conv: Optional[bool] = None  # CPU: conv weight gradients of tiny maps as one GEMM; null = auto
+    fused_optimizer: bool = True  # fused AdamW/SGD kernels instead of one op per parameter tensor
+    activation_checkpointing: bool = False  # ViTs: recompute block activations in backward (less memory)
+
+
+@dataclass
 class TrackingConfig:
     wandb: str = "off"  # off | offline | online
     wandb_project: str = "ssl-bench"
@@ -197,6 +212,7 @@ class Config:
     linear: LinearConfig = field(default_factory=LinearConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -208,7 +224,8 @@ OPTIMIZERS = ("adamw", "sgd")
 # probe run by ``ssl-bench eval linear``) change no trained weight; each evaluation records them in
 # result.json's protocol instead.
 # Checkpoint cadence and resuming change no weight either: a resumed run equals an uninterrupted one.
-UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "trainer.num_threads",
+# Speed levers change how fast, not what (tests/test_speed.py checks the weights agree).
+UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "speed", "trainer.num_threads",
                  "train.diagnostics_every_n_steps", "train.checkpoint_every_n_steps", "train.resume",
                  "eval.knn_every_n_epochs", "eval.knn_fp16_bank", "eval.knn_bank_block", "eval.cache_features",
                  "linear")
@@ -237,7 +254,7 @@ def check_keys(tree: dict[str, Any], schema: type = Config, prefix: str = "", so
 def _dataclass_of(type_name: Any) -> Optional[type]:
     classes = {c.__name__: c for c in (AugConfig, DataConfig, BackboneConfig, MethodConfig,
                                        OptimConfig, EvalConfig, LinearConfig, TrainerConfig, TrainConfig,
-                                       TrackingConfig)}
+                                       SpeedConfig, TrackingConfig)}
     if isinstance(type_name, str):
         return classes.get(type_name)
     return type_name if dataclasses.is_dataclass(type_name) else None

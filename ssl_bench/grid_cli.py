@@ -75,6 +75,14 @@ def cmd_grid_plan(args: argparse.Namespace) -> int:
           f"({' x '.join(f'{len(v)} {k}' for k, v in study.axes.items()) or 'no axes'} x {len(study.seeds)} seeds)"
           + (f"; resources checked against profile {profile.name!r}" if profile else ""))
     print(pd.DataFrame(plan_rows(study)).to_markdown(index=False))
+    if args.estimate:
+        from ssl_bench.bench.estimate import estimate, format_estimate
+
+        if args.probe_steps < 1:
+            raise config_lib.ConfigError(f"--probe-steps must be >= 1, got {args.probe_steps}")
+        result = estimate(study.runs, probe_steps=args.probe_steps)
+        accelerators = sorted({spec.config.trainer.accelerator for spec in study.runs})
+        print(format_estimate(result, "/".join("GPU" if a in ("gpu", "cuda") else a for a in accelerators)))
     return 0
 
 
@@ -183,6 +191,11 @@ def add_grid_parser(sub) -> None:
                            help="local: this process, one run after another (default); slurm: one submitit job "
                                 "array per study; submitit-local/debug: the same path without SLURM")
             p.add_argument("--profile", help="cluster profile: a name in slurm/profiles/ or a YAML file")
+        if name == "plan":
+            p.add_argument("--estimate", action="store_true",
+                           help="probe the throughput of each distinct backbone/crop setting on this machine and "
+                                "print the estimated device-hours per run and for the grid")
+            p.add_argument("--probe-steps", type=int, default=5, help="timed steps per probe (after 2 warm-up)")
         if name == "launch":
             p.add_argument("--force", action="store_true", help="rerun completed runs too")
             p.add_argument("--dry-run", action="store_true", help="print the sbatch parameters per run; submit nothing")

@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssl_bench import config as config_lib
-from ssl_bench import dist, repro, tracking
+from ssl_bench import dist, repro, speed, tracking
 from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, OnlineKNN, Preempted, ProgressLines,
                                  agreed_preemption)
 from ssl_bench.data import SSLDataModule
@@ -127,6 +127,7 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     method = build_method(cfg)
+    speed.apply(method, cfg)
     datamodule = build_datamodule(cfg, method)
     metrics, timing, protocol = attempt.metrics, attempt.timing, attempt.protocol
     if attempt.knn_init:

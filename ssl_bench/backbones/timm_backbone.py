@@ -41,6 +41,7 @@ class Backbone(nn.Module):
         self.is_vit = hasattr(model, "patch_embed")
         self.patch_size: int | None = int(model.patch_embed.patch_size[0]) if self.is_vit else None
         self._masks: torch.Tensor | None = None
+        self.channels_last = False  # speed.channels_last: images go in as NHWC (ssl_bench/speed.py)
         if mask_token:
             if not self.is_vit:
                 raise ValueError("masked-patch (iBOT) methods need a ViT backbone with patch tokens")
@@ -56,6 +57,8 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> Features:
         """Args: images: (B, 3, H, W), crops of one size share a call; masks: (B, N) bool or None."""
         self._masks = masks
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         try:
             x = self.model.forward_features(images)
         finally:

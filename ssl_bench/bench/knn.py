@@ -124,11 +124,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ssl_bench.bench.knn", description=__doc__.splitlines()[0])
-    p.add_argument("--bank", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--test", type=int, default=10_000)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``python -m ssl_bench.bench.knn`` and ``ssl-bench bench knn``)."""
+    p.add_argument("--bank", type=int, default=100_000, help="bank size (train features)")
+    p.add_argument("--dim", type=int, default=384, help="feature dimension")
+    p.add_argument("--test", type=int, default=10_000, help="test features scored")
     p.add_argument("--k", type=int, default=200, help="neighbours searched (DINO searches max(ks) = 200)")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--bank-block", type=int, default=16384, help="used by the 'blocked' and 'fp16' configs")
@@ -136,21 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ssl_bench.bench.knn", description=__doc__.splitlines()[0])
+    add_arguments(p)
     p.add_argument("--json", dest="json_path", default=None, help="also write the figures to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON out
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every selected configuration in its own subprocess, print a table, optionally write JSON."""
-    args = _parser().parse_args(argv)
-    if args.one is not None:
-        print(json.dumps(bench_knn(**json.loads(args.one))))
-        return 0
+def run_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every selected configuration, each in its own subprocess, with a progress line per configuration."""
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS))
-    if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    if unknown or not names:
+        raise ValueError(f"--configs: unknown config(s) {unknown or names}; choose from {list(CONFIGS)}")
     rows = []
     for name in names:
         method, blocked, fp16 = CONFIGS[name]
@@ -160,6 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": name, **_run_in_subprocess(kwargs)})
         print(f"[bench knn] {name}: {rows[-1]['images_per_s']:.0f} test img/s, "
               f"peak RSS {rows[-1]['peak_rss_mb']:.0f} MiB", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every selected configuration in its own subprocess, print a table, optionally write JSON."""
+    args = _parser().parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(bench_knn(**json.loads(args.one))))
+        return 0
+    try:
+        rows = run_configs(args)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     print(format_table(rows))
     if args.json_path:
         with open(args.json_path, "w") as f:

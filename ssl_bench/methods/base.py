@@ -194,9 +194,11 @@ class SSLMethod(L.LightningModule):
         backbone = self.student.backbone.model
         depth = len(backbone.blocks) if hasattr(backbone, "blocks") else 0
         groups = param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult, depth)
+        # speed.fused_optimizer: one fused kernel over all tensors (CPU and CUDA) instead of one op each
+        fused = {"fused": True} if self.cfg.speed.fused_optimizer else {}
         if o.optimizer == "sgd":  # DINO's ResNet-50 recipe: SGD with momentum 0.9
-            return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-        return torch.optim.AdamW(groups, lr=0.0)
+            return torch.optim.SGD(groups, lr=0.0, momentum=0.9, **fused)
+        return torch.optim.AdamW(groups, lr=0.0, **fused)
 
     def set_optimizer_schedule(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         lr, wd = self.lr_at(step), self.weight_decay_at(step)
@@ -217,6 +219,9 @@ class SSLMethod(L.LightningModule):
                 if ".last_layer." in name:  # every head's prototypes stay fixed in the first epoch(s)
                     p.grad = None
         opt.step()
+        # Free the gradients now rather than at the next step: they would otherwise sit through the next
+        # forward passes, raising peak memory by one copy of the student (same update either way).
+        opt.zero_grad(set_to_none=True)
         return values
 
     # ----- collapse diagnostics (DINO Fig. 7) ------------------------------------------

@@ -1,0 +1,178 @@
+"""``ssl-bench bench train|data|knn``: speed figures as a table and a JSON record in ``results/bench/``.
+
+Each JSON record carries its provenance (git sha and dirty flag, package versions, hardware, the
+resolved config and the command line), so figures can be compared across commits and machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from ssl_bench import config as config_lib
+from ssl_bench import repro
+
+DEFAULT_OUT_DIR = "results/bench"
+
+
+def record(benchmark: str, args: argparse.Namespace, **body: Any) -> dict[str, Any]:
+    """A benchmark's JSON record: figures plus where, when and from what they came."""
+    return {"benchmark": benchmark, "command": "ssl-bench " + " ".join(shlex.quote(a) for a in args.argv),
+            "git": repro.git_state(), "versions": repro.package_versions(), "hardware": repro.hardware(),
+            "finished_at": repro.utc_now(), **body}
+
+
+def output_path(args: argparse.Namespace, benchmark: str, name: str) -> Path | None:
+    """``--json`` as given, else ``<out-dir>/<benchmark>-<name>-<git sha>.json`` with ``-2``, ``-3``... added
+    rather than overwriting an earlier record; None with ``--no-json``."""
+    if args.no_json:
+        return None
+    if args.json_path:
+        return Path(args.json_path)
+    git = repro.git_state()
+    sha = (git.get("sha") or "nogit")[:7] + ("-dirty" if git.get("dirty") else "")
+    base = Path(args.out_dir) / f"{benchmark}-{name}-{sha}"
+    path, n = base.with_suffix(".json"), 1
+    while path.exists():
+        n += 1
+        path = base.parent / f"{base.name}-{n}.json"
+    return path
+
+
+def write_record(path: Path | None, data: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"[ssl-bench] wrote {path}", flush=True)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from ssl_bench.bench.train import bench_train, bench_train_isolated, format_runs
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    _check_counts(steps=args.steps, repeats=args.repeats, warmup=args.warmup + 1)
+    runs = []
+    for i in range(args.repeats):
+        print(f"[bench train] run {i + 1}/{args.repeats}: {args.warmup} warm-up + {args.steps} timed steps "
+              f"({'synthetic crops' if args.synthetic else 'real data pipeline'})", flush=True)
+        if args.in_process:
+            runs.append(bench_train(cfg, args.steps, args.warmup, args.synthetic))
+        else:
+            runs.append(bench_train_isolated(cfg, args.steps, args.warmup, args.synthetic))
+    summary = summarise_runs(runs)
+    print(format_runs(runs, summary))
+    name = Path(args.config).stem + ("-synthetic" if args.synthetic else "")
+    write_record(output_path(args, "train", name),
+                 record("train", args, config_file=args.config, overrides=args.overrides,
+                        config=config_lib.to_dict(cfg), summary=summary, runs=runs))
+    return 0
+
+
+def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across repeated runs: the median of throughput and step time, the largest peak memory."""
+    def med(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {"runs": len(runs), "images_per_s": med("images_per_s"),
+            "images_per_s_min": min(r["images_per_s"] for r in runs),
+            "images_per_s_max": max(r["images_per_s"] for r in runs),
+            "step_s_median": med("step_s_median"), "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
+            "flops_per_image": runs[0]["flops_per_image"], "achieved_tflops": med("achieved_tflops"),
+            "mfu": med("mfu")}
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from ssl_bench.bench.data import bench_data, format_table
+    from ssl_bench.data.masking import patch_grid
+    from ssl_bench.methods import METHODS
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError as exc:
+        raise config_lib.ConfigError(f"--workers {args.workers!r}: give comma-separated worker counts, "
+                                     "e.g. 0,1,2") from exc
+    method = METHODS.get(cfg.method.name)  # class attributes only: no model is built
+    grid = patch_grid(cfg.data.global_crop_size, cfg.backbone.patch_size) if method.uses_masks else None
+    warmup = args.warmup if args.warmup is not None else 2 * max(workers, default=0) + 1
+    try:
+        result = bench_data(cfg, workers, args.batches, warmup, mask_grid=grid,
+                            local_crops_number=None if method.uses_local_crops else 0)
+    except ValueError as exc:
+        raise config_lib.ConfigError(str(exc)) from exc
+    print(format_table(result))
+    write_record(output_path(args, "data", Path(args.config).stem),
+                 record("data", args, config_file=args.config, overrides=args.overrides, **result))
+    return 0
+
+
+def cmd_bench_knn(args: argparse.Namespace) -> int:
+    from ssl_bench.bench.knn import format_table, run_configs
+
+    _check_counts(bank=args.bank, dim=args.dim, test=args.test, k=args.k, repeats=args.repeats)
+    try:
+        rows = run_configs(args)
+    except ValueError as exc:
+        raise config_lib.ConfigError(str(exc)) from exc
+    print(format_table(rows))
+    write_record(output_path(args, "knn", f"bank{args.bank}-dim{args.dim}"), record("knn", args, rows=rows))
+    return 0
+
+
+def _check_counts(**values: int) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise config_lib.ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", dest="json_path", default=None,
+                   help=f"write the JSON record here (default: {DEFAULT_OUT_DIR}/<benchmark>-<name>-<git sha>.json)")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="folder of the default JSON file name")
+    p.add_argument("--no-json", action="store_true", help="print the table only")
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="speed benchmarks: training step, data pipeline, k-NN")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    p = bench_sub.add_parser("train", help="training-step throughput, step time, peak memory, FLOPs, MFU")
+    p.add_argument("config", help="config YAML file (e.g. experiments/bench/tiny_cpu_vit.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. speed.compile=true")
+    p.add_argument("--synthetic", action="store_true", help="pre-made crops from memory: the model step alone")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--repeats", type=int, default=1, help="runs, each in a fresh process; the median is reported")
+    p.add_argument("--in-process", action="store_true", help="run in this process (peak RSS then includes it)")
+    _output_args(p)
+    p.set_defaults(func=cmd_bench_train)
+
+    p = bench_sub.add_parser("data", help="multi-crop pipeline throughput per worker count")
+    p.add_argument("config", help="config YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=64")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed batches first (default 2 x the largest worker count + 1: the prefetched ones)")
+    _output_args(p)
+    p.set_defaults(func=cmd_bench_data)
+
+    from ssl_bench.bench.knn import add_arguments
+
+    p = bench_sub.add_parser("knn", help="k-NN search throughput and peak memory for a bank size")
+    add_arguments(p)
+    _output_args(p)
+    p.set_defaults(func=cmd_bench_knn)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ssl_bench.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))
