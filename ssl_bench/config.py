@@ -179,7 +179,7 @@ class SpeedConfig:
     """Levers that change how fast a step runs, not what it computes (kept out of the run id).
 
     ``null`` (auto) picks what measured faster (README "Speed"): channels_last for convolutional
-    backbones, the small-map convolution gradient on CPU.
+    backbones; the small-map convolution gradient on CPU.
     """
 
     compile: bool = False  # torch.compile of backbones and heads (minutes of compilation first)

@@ -49,3 +49,4 @@ def apply(method: nn.Module, cfg: Config) -> None:
 
 def is_compiled(method: nn.Module) -> bool:
     return getattr(method.student.backbone, "_compiled_call_impl", None) is not None
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -260,4 +261,5 @@ def bench_train_isolated(cfg: config_lib.Config, steps: int, warmup: int, synthe
 if __name__ == "__main__":
     _job = json.loads(sys.argv[1])
     _figures = bench_train(config_lib.from_dict(_job["config"]), _job["steps"], _job["warmup"], _job["synthetic"])
-    print(json.dumps(_figures), flush=True)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(json.dumps(_figures), flush=True)  # under DDP every rank runs this file; rank 0 reports
