@@ -248,12 +248,15 @@ def format_runs(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 def bench_train_isolated(cfg: config_lib.Config, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     """:func:`bench_train` in a fresh interpreter, so its peak RSS and caches are its own."""
     job = {"config": config_lib.to_dict(cfg), "steps": steps, "warmup": warmup, "synthetic": synthetic}
-    proc = subprocess.run([sys.executable, "-m", "ssl_bench.bench.train", json.dumps(job)],
-                          stdout=subprocess.PIPE, text=True)  # stderr (warnings) and progress pass through
-    lines = proc.stdout.strip().splitlines()
-    for line in lines[:-1]:
-        print(line, flush=True)
-    if proc.returncode != 0 or not lines:
+    # stdout: progress lines, passed on as they come, then the figures as one JSON line; stderr passes through.
+    proc = subprocess.Popen([sys.executable, "-m", "ssl_bench.bench.train", json.dumps(job)],
+                            stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if lines:
+            print(lines[-1], end="", flush=True)
+        lines.append(line)
+    if proc.wait() != 0 or not lines:
         raise RuntimeError(f"benchmark subprocess failed with exit code {proc.returncode}")
     return json.loads(lines[-1])
 
