@@ -99,8 +99,20 @@ def format_estimate(result: dict[str, Any], device: str) -> str:
     import pandas as pd
 
     settings = pd.DataFrame(result["settings"]).round({"images_per_s": 2, "step_s": 3, "peak_memory_mb": 0})
-    runs = pd.DataFrame(result["runs"]).round({"train_hours": 3, "device_hours": 3})
+    runs = pd.DataFrame(result["runs"])
+    runs["train_time"] = runs.pop("train_hours").map(duration)
+    runs["device_hours"] = runs["device_hours"].map(lambda h: f"{h:.4g}")
     return (f"Throughput probes (synthetic crops unless the method needs masks):\n\n{settings.to_markdown(index=False)}"
             f"\n\nEstimated training time per run (steps x probed step time; evaluation not included):\n\n"
-            f"{runs.to_markdown(index=False)}\n\nWhole grid: {result['total_device_hours']:.2f} {device}-hours "
-            f"({result['total_train_hours']:.2f} h if the runs went one after another)\n")
+            f"{runs.to_markdown(index=False)}\n\nWhole grid: {result['total_device_hours']:.4g} {device}-hours "
+            f"({duration(result['total_train_hours'])} if the runs went one after another)\n")
+
+
+def duration(hours: float) -> str:
+    """``2 h 05 min``, ``12 min 30 s`` or ``4.2 s``."""
+    seconds = hours * 3600
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"

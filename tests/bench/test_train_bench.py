@@ -7,13 +7,14 @@ the estimate's arithmetic).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 
 from ssl_bench import cli
 from ssl_bench import config as config_lib
-from ssl_bench.bench.estimate import cost_key, estimate, train_images
+from ssl_bench.bench.estimate import cost_key, duration, estimate, train_images
 from ssl_bench.bench.train import bench_train, model_flops_per_image
 
 D, HEADS, DEPTH, PATCH = 32, 2, 2, 4
@@ -121,6 +122,25 @@ def test_estimate_arithmetic():
     assert result["total_device_hours"] == pytest.approx(2 * 25 * 0.5 / 3600 + 36 / 3600)
 
 
+def test_duration_format():
+    assert [duration(h) for h in (1.5 / 3600, 750 / 3600, 2 + 5 / 60)] == ["1.5 s", "12 min 30 s", "2 h 05 min"]
+
+
 def test_train_images_respects_max_steps():
     cfg = config_lib.build_config(config_lib.deep_merge(TREE, {"trainer": {"max_steps": 7}}))
     assert train_images(cfg, 1000) == (7, 28)
+
+
+def test_grid_plan_estimate_on_the_command_line(tmp_path, tiny_tree, capsys):
+    """Two methods x two lrs: the lr axis shares a probe, the methods do not; real probes of 1 step."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_tree))
+    study = tmp_path / "st.yaml"
+    study.write_text(yaml.safe_dump({"base": "base.yaml", "seeds": [0],
+                                     "grid": {"method.name": ["dino", "dino_no_multicrop"], "optim.lr": [1e-4, 2e-4]}}))
+    assert cli.main(["grid", "plan", str(study), "--estimate", "--probe-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("estimate: probing setting") == 2
+    assert "Whole grid:" in out and "cpu-hours" in out
+    # tiny_tree: synthetic train split of 512 images, subset 32, batch 8, 1 epoch, max_steps 2 -> 2 steps per run
+    assert len(re.findall(r"\|\s+2 \|\s+16 \|", out)) == 4, out  # steps and images of each run
+    assert cli.main(["grid", "plan", str(study), "--estimate", "--probe-steps", "0"]) == 2
