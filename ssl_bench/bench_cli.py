@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -20,21 +19,28 @@ from ssl_bench import repro
 DEFAULT_OUT_DIR = "results/bench"
 
 
-def record(benchmark: str, args: argparse.Namespace, **body: Any) -> dict[str, Any]:
-    """A benchmark's JSON record: figures plus where, when and from what they came."""
-    return {"benchmark": benchmark, "command": "ssl-bench " + " ".join(shlex.quote(a) for a in args.argv),
-            "git": repro.git_state(), "versions": repro.package_versions(), "hardware": repro.hardware(),
-            "finished_at": repro.utc_now(), **body}
+def write_record(args: argparse.Namespace, benchmark: str, name: str, **body: Any) -> None:
+    """Write a benchmark's JSON record: figures plus where, when and from what they came."""
+    from ssl_bench.results_cli import command_line
+
+    git = repro.git_state()
+    path = output_path(args, benchmark, name, git)
+    if path is None:
+        return
+    data = {"benchmark": benchmark, "command": command_line(args), "git": git, "versions": repro.package_versions(),
+            "hardware": repro.hardware(), "finished_at": repro.utc_now(), **body}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"[ssl-bench] wrote {path}", flush=True)
 
 
-def output_path(args: argparse.Namespace, benchmark: str, name: str) -> Path | None:
+def output_path(args: argparse.Namespace, benchmark: str, name: str, git: dict[str, Any]) -> Path | None:
     """``--json`` as given, else ``<out-dir>/<benchmark>-<name>-<git sha>.json`` with ``-2``, ``-3``... added
     rather than overwriting an earlier record; None with ``--no-json``."""
     if args.no_json:
         return None
     if args.json_path:
         return Path(args.json_path)
-    git = repro.git_state()
     sha = (git.get("sha") or "nogit")[:7] + ("-dirty" if git.get("dirty") else "")
     base = Path(args.out_dir) / f"{benchmark}-{name}-{sha}"
     path, n = base.with_suffix(".json"), 1
@@ -44,19 +50,13 @@ def output_path(args: argparse.Namespace, benchmark: str, name: str) -> Path | N
     return path
 
 
-def write_record(path: Path | None, data: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    print(f"[ssl-bench] wrote {path}", flush=True)
-
-
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from ssl_bench.bench.train import bench_train, bench_train_isolated, format_runs
 
     cfg = config_lib.load_config(args.config, args.overrides)
-    _check_counts(steps=args.steps, repeats=args.repeats, warmup=args.warmup + 1)
+    _check_counts(steps=args.steps, repeats=args.repeats)
+    if args.warmup < 0:
+        raise config_lib.ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     runs = []
     for i in range(args.repeats):
         print(f"[bench train] run {i + 1}/{args.repeats}: {args.warmup} warm-up + {args.steps} timed steps "
@@ -68,9 +68,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     summary = summarise_runs(runs)
     print(format_runs(runs, summary))
     name = Path(args.config).stem + ("-synthetic" if args.synthetic else "")
-    write_record(output_path(args, "train", name),
-                 record("train", args, config_file=args.config, overrides=args.overrides,
-                        config=config_lib.to_dict(cfg), summary=summary, runs=runs))
+    write_record(args, "train", name, config_file=args.config, overrides=args.overrides,
+                 config=config_lib.to_dict(cfg), summary=summary, runs=runs)
     return 0
 
 
@@ -89,9 +88,11 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
+    import torch
+
     from ssl_bench.bench.data import bench_data, format_table
-    from ssl_bench.data.masking import patch_grid
-    from ssl_bench.methods import METHODS
+    from ssl_bench.methods import build_method
+    from ssl_bench.train import pipeline_options
 
     cfg = config_lib.load_config(args.config, args.overrides)
     try:
@@ -99,17 +100,15 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise config_lib.ConfigError(f"--workers {args.workers!r}: give comma-separated worker counts, "
                                      "e.g. 0,1,2") from exc
-    method = METHODS.get(cfg.method.name)  # class attributes only: no model is built
-    grid = patch_grid(cfg.data.global_crop_size, cfg.backbone.patch_size) if method.uses_masks else None
+    with torch.device("meta"):  # the model's shapes only (patch size), no weights
+        local, grid = pipeline_options(cfg, build_method(cfg))
     warmup = args.warmup if args.warmup is not None else 2 * max(workers, default=0) + 1
     try:
-        result = bench_data(cfg, workers, args.batches, warmup, mask_grid=grid,
-                            local_crops_number=None if method.uses_local_crops else 0)
+        result = bench_data(cfg, workers, args.batches, warmup, mask_grid=grid, local_crops_number=local)
     except ValueError as exc:
         raise config_lib.ConfigError(str(exc)) from exc
     print(format_table(result))
-    write_record(output_path(args, "data", Path(args.config).stem),
-                 record("data", args, config_file=args.config, overrides=args.overrides, **result))
+    write_record(args, "data", Path(args.config).stem, config_file=args.config, overrides=args.overrides, **result)
     return 0
 
 
@@ -122,7 +121,7 @@ def cmd_bench_knn(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise config_lib.ConfigError(str(exc)) from exc
     print(format_table(rows))
-    write_record(output_path(args, "knn", f"bank{args.bank}-dim{args.dim}"), record("knn", args, rows=rows))
+    write_record(args, "knn", f"bank{args.bank}-dim{args.dim}", rows=rows)
     return 0
 
 

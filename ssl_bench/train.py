@@ -191,13 +191,20 @@ def _raise_if_preempted(trainer: L.Trainer, device: torch.device, sigterm: Optio
         raise Preempted(trainer.global_step)
 
 
+def pipeline_options(cfg: config_lib.Config, method: torch.nn.Module) -> tuple[Optional[int], Optional[tuple]]:
+    """(local_crops_number override, iBOT mask grid) of the data ``method`` needs: 0 local crops for
+    single-scale methods (None keeps the config's), a patch grid for masked ones (None: no masks)."""
+    local = None if method.uses_local_crops else 0
+    grid = patch_grid(cfg.data.global_crop_size, method.student.backbone.patch_size) if method.uses_masks else None
+    return local, grid
+
+
 def build_datamodule(cfg: config_lib.Config, method: torch.nn.Module) -> SSLDataModule:
     """The data the method needs: without local crops for single-scale methods, with iBOT masks for masked ones."""
-    local = None if method.uses_local_crops else 0
+    local, grid = pipeline_options(cfg, method)
     if local == 0 and cfg.data.local_crops_number:
         print(f"[ssl-bench] {cfg.method.name}: 2 global views only; data.local_crops_number="
               f"{cfg.data.local_crops_number} is not used", flush=True)
-    grid = patch_grid(cfg.data.global_crop_size, method.student.backbone.patch_size) if method.uses_masks else None
     return SSLDataModule(cfg, local_crops_number=local, mask_grid=grid)
 
 
@@ -208,6 +215,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`weights_only` was not set.*")
     # Printed whenever Slurm's client tools are installed, even for a run outside any SLURM job.
     warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system.*")
+
+
+def trainer_settings(cfg: config_lib.Config) -> dict[str, Any]:
+    """The ``L.Trainer`` arguments every training loop shares (runs here, ``ssl-bench bench train``)."""
+    t = cfg.trainer
+    return {"accelerator": t.accelerator, "devices": t.devices, "num_nodes": t.num_nodes, "precision": t.precision,
+            "max_epochs": cfg.optim.epochs, "enable_checkpointing": False, "enable_model_summary": False,
+            "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
+            "num_sanity_val_steps": 0}
 
 
 def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[Callback] = ()) -> L.Trainer:
@@ -227,13 +243,9 @@ def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[
         # submitit owns the SLURM signals and requeueing (launch/); with auto_requeue Lightning would
         # install its own SIGUSR1 handler that checkpoints to hpc_ckpt_*.ckpt and requeues by itself.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-                        max_epochs=cfg.optim.epochs, max_steps=t.max_steps, logger=loggers,
-                        callbacks=callbacks, enable_checkpointing=False, plugins=plugins or None,
-                        use_distributed_sampler=False,  # ResumableLoader shards by rank itself
-                        log_every_n_steps=cfg.tracking.log_every_n_steps,
-                        enable_progress_bar=cfg.tracking.progress_bar, enable_model_summary=False,
-                        default_root_dir=str(run_dir.path), num_sanity_val_steps=0)
+    trainer = L.Trainer(**trainer_settings(cfg), max_steps=t.max_steps, logger=loggers, callbacks=callbacks,
+                        plugins=plugins or None, log_every_n_steps=cfg.tracking.log_every_n_steps,
+                        enable_progress_bar=cfg.tracking.progress_bar, default_root_dir=str(run_dir.path))
     if "SUBMITIT_EXECUTOR" in os.environ:
         # In a submitit job, submitit and launch/jobs.py own SIGTERM and USR2 (checkpoint at the step end,
         # then requeue). Lightning's SIGTERM handler would end training without a checkpoint and, under

@@ -146,7 +146,7 @@ def bench_config(cfg: config_lib.Config) -> config_lib.Config:
 
 def bench_train(cfg: config_lib.Config, steps: int = 20, warmup: int = 5, synthetic: bool = True) -> dict[str, Any]:
     """Run ``warmup + steps`` training steps of ``cfg`` and return the figures of the last ``steps``."""
-    from ssl_bench.train import build_datamodule
+    from ssl_bench.train import build_datamodule, pipeline_options
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -158,7 +158,8 @@ def bench_train(cfg: config_lib.Config, steps: int = 20, warmup: int = 5, synthe
     method = build_method(cfg)
     total = warmup + steps
     d = cfg.data
-    local = d.local_crops_number if method.uses_local_crops else 0
+    local_override, _ = pipeline_options(cfg, method)
+    local = d.local_crops_number if local_override is None else local_override
     flops = model_flops_per_image(cfg, local)
     if synthetic:
         if method.uses_masks:
@@ -182,14 +183,11 @@ def fit_steps(cfg: config_lib.Config, method: SSLMethod, data: Any, steps: int,
     options applied), without records, checkpoints or evaluation. ``data``: a DataLoader or DataModule."""
     import lightning as L
 
-    from ssl_bench.train import quiet_lightning
+    from ssl_bench.train import quiet_lightning, trainer_settings
 
     quiet_lightning()
-    t = cfg.trainer
-    trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-                        max_epochs=cfg.optim.epochs, max_steps=steps, logger=False, callbacks=callbacks,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=10)
+    trainer = L.Trainer(**trainer_settings(cfg), max_steps=steps, logger=False, callbacks=callbacks,
+                        enable_progress_bar=False, log_every_n_steps=10)
     speed.apply(method, cfg)
     if isinstance(data, DataLoader):
         trainer.fit(method, train_dataloaders=data)

@@ -211,8 +211,7 @@ class SSLMethod(L.LightningModule):
         """Backward, per-parameter clipping, last-layer freeze, AdamW step with scheduled lr/wd."""
         opt = self.optimizers()
         values = self.set_optimizer_schedule(opt.optimizer, step)
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.manual_backward(loss)  # the gradients are None here: the previous step freed them
         clip_per_parameter(list(self.student.parameters()), self.cfg.optim.clip_grad)
         if step < self.epochs_to_steps(self.cfg.method.freeze_last_layer_epochs):
             for name, p in self.student.named_parameters():
