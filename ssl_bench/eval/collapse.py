@@ -8,6 +8,9 @@ left to learn). RankMe (Garrido et al. 2023) is the exponential of the entropy o
 the normalised singular values of a batch of embeddings; the mean per-dimension
 standard deviation of L2-normalised features is ~1/sqrt(D) when they spread and 0
 when they collapse (SimSiam, Chen & He 2021).
+
+Each diagnostic raises ``NonFiniteFeaturesError`` (with counts) on NaN/inf inputs instead of
+returning NaN or failing inside an SVD; ``what`` names the input in that message.
 """
 
 from __future__ import annotations
@@ -19,26 +22,35 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ssl_bench.eval.finite import FiniteTally, check_finite
+
 EPS = 1e-12
 
 
 @torch.no_grad()
-def target_entropy(probs: torch.Tensor) -> float:
+def target_entropy(probs: torch.Tensor, what: str = "collapse diagnostics: teacher targets") -> float:
     """Mean over rows of ``-sum_k p_k log p_k``. Args: probs: (N, K) rows summing to 1."""
+    check_finite(probs, what)
     p = probs.float()
     return float(-(p * torch.log(p.clamp_min(EPS))).sum(dim=-1).mean())
 
 
 @torch.no_grad()
 def kl_teacher_student(teacher_probs: list[torch.Tensor], student_logits: list[torch.Tensor],
-                       student_temp: float) -> float:
+                       student_temp: float, what: str = "collapse diagnostics") -> float:
     """Mean KL(P_t || P_s) over the pairs the DINO loss uses (teacher view i, student view j != i).
 
     Args:
         teacher_probs: targets of the global views, each (B, K).
         student_logits: student outputs of all views, each (B, K); the first ones are the global views.
         student_temp: tau_s.
+        what: prefix of the non-finite error's message.
     """
+    for name, views in ((f"{what}: teacher targets", teacher_probs), (f"{what}: student logits", student_logits)):
+        tally = FiniteTally(f"{name} of {len(views)} views")  # one sync per list, rows summed over views
+        for v in views:
+            tally.add(v)
+        tally.check()
     total, pairs = 0.0, 0
     for i, p in enumerate(teacher_probs):
         p = p.float()
@@ -53,16 +65,18 @@ def kl_teacher_student(teacher_probs: list[torch.Tensor], student_logits: list[t
 
 
 @torch.no_grad()
-def rankme(embeddings: torch.Tensor) -> float:
+def rankme(embeddings: torch.Tensor, what: str = "collapse diagnostics: RankMe embeddings") -> float:
     """Effective rank ``exp(H(sigma / ||sigma||_1))`` of (N, D) embeddings; between 1 and min(N, D)."""
+    check_finite(embeddings, what)  # an SVD of NaNs fails to converge or returns NaN
     sigma = torch.linalg.svdvals(embeddings.float())
     p = sigma / sigma.sum().clamp_min(EPS) + EPS
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
 @torch.no_grad()
-def feature_std(features: torch.Tensor) -> float:
+def feature_std(features: torch.Tensor, what: str = "collapse diagnostics: feature-std features") -> float:
     """Mean over dimensions of the batch std of L2-normalised (N, D) features (collapsed: 0)."""
+    check_finite(features, what)
     return float(F.normalize(features.float(), dim=-1).std(dim=0).mean())
 
 

@@ -17,6 +17,9 @@ rows scored in the same matmul, and exactly representable features, always tie e
 
 Class ranking (top-1/top-5): descending vote score, ties broken by ascending class index; top-5 is
 capped at ``num_classes``. An empty test set gives NaN accuracies (0 hits of 0 is undefined).
+
+Non-finite features are an error (``NonFiniteFeaturesError``), checked before normalisation: a NaN
+similarity fails every comparison and so ranks first, and an all-NaN bank would score 100%.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from ssl_bench import dist
 from ssl_bench.dist import shard_range  # re-exported: feature extraction uses it to pick a rank's rows
+from ssl_bench.eval.finite import check_finite
 
 __all__ = ["FP16_SIM_ATOL", "Neighbours", "knn_accuracies", "knn_classify", "knn_neighbours", "knn_topk",
            "normalised_bank", "shard_range", "vote"]
@@ -157,11 +161,16 @@ def knn_neighbours(train_features: torch.Tensor, train_labels: torch.Tensor | No
         fp16_bank: keep the normalised bank in float16 (similarities within ``FP16_SIM_ATOL``).
         sharded: every rank of the initialised process group must call this (collectives); all get
             the same result. Ignored (one process) when torch.distributed is not initialised.
+    Raises:
+        NonFiniteFeaturesError: a NaN/inf in the bank (any rank's shard) or the test features.
     Returns:
         Neighbours of shape (M, k): sims, global bank indices, labels.
     """
     if k < 1 or chunk_size < 1 or (bank_block is not None and bank_block < 1):
         raise ValueError(f"k, chunk_size and bank_block must be >= 1, got {k}, {chunk_size} and {bank_block}")
+    # Before normalisation (which turns an inf row into NaNs); a sharded bank is counted over all ranks.
+    check_finite(train_features, "k-NN bank features", sharded=sharded)
+    check_finite(test_features, "k-NN test features")  # the same rows on every rank: all raise together
     device = train_features.device
     offset, total = _shard_layout(train_features.shape[0], device, sharded)
     if not 0 < total < 2 ** 32:  # indices share an int64 sort key with the similarity (_order_keys)

@@ -7,10 +7,13 @@ Unlike both reference scripts, which pick the best head on the split they report
 chosen on a held-out part of the train split and the test split is read only after that choice.
 Heads that read the same feature choice are one stacked weight tensor and one matmul; a small SGD
 step with a per-head lr vector gives each head the update ``torch.optim.SGD`` would.
+Non-finite frozen features are an error (``NonFiniteFeaturesError``); a head whose logits are not
+finite gets NaN accuracies and is never chosen, and the chosen head must score the test split finitely.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
@@ -23,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ssl_bench.config import Config, LinearConfig
 from ssl_bench.data import (build_dataset, dataset_info, eval_transform, linear_train_transform, num_classes,
                             seeded_subset)
+from ssl_bench.eval.finite import FiniteTally, NonFiniteFeaturesError, check_finite
 from ssl_bench.schedules import cosine
 
 SELECTION_RULE = ("best val top-1 on a held-out split of train (ties: smaller lr, then fewer blocks, then no "
-                  "avgpool); test never used for selection")
+                  "avgpool; heads with non-finite logits are never chosen); test never used for selection")
 Progress = Optional[Callable[[str], None]]
 Batches = Iterable[tuple[dict["FeatureChoice", Tensor], Tensor]]
 
@@ -240,24 +244,47 @@ def _report_epoch(progress: Progress, epoch: int, epochs: int, loss: Tensor, ela
                  f"mean of {len(loss)} heads {loss.mean().item():.4f}, {elapsed:.1f} s, ETA {eta:.1f} s")
 
 
+class HeadScores(NamedTuple):
+    """Top-1/top-5 accuracy (%) per head, (H,) each in spec order, NaN for a head with a non-finite logit.
+
+    nonfinite: (H, 3) long per head: samples with a non-finite logit, NaN logits, inf logits.
+    """
+
+    top1: Tensor
+    top5: Tensor
+    nonfinite: Tensor
+    samples: int
+    classes: int
+
+    def error(self, head: int, what: str) -> NonFiniteFeaturesError:
+        bad_rows, nan, inf = self.nonfinite[head].tolist()
+        return NonFiniteFeaturesError(what, bad_rows, self.samples, nan, inf, self.samples * self.classes)
+
+
 @torch.no_grad()
-def evaluate_heads(heads: LinearHeads, batches: Batches) -> tuple[Tensor, Tensor]:
-    """Top-1 and top-5 accuracy (%) of every head, (H,) each, in spec order."""
+def evaluate_heads(heads: LinearHeads, batches: Batches) -> HeadScores:
+    """Accuracies of every head; a NaN logit would rank first (``topk``), so such a head scores NaN."""
     top1 = top5 = heads.lrs.new_zeros(len(heads.lrs))
-    n = 0
+    bad = torch.zeros(len(heads.lrs), 3, dtype=torch.long, device=heads.lrs.device)
+    n = classes = 0
     for inputs, labels in batches:
         logits = heads(inputs)
+        bad += torch.stack([(~torch.isfinite(logits).all(2)).sum(0), logits.isnan().sum((0, 2)),
+                            logits.isinf().sum((0, 2))], dim=1)
         ranked = logits.topk(min(5, logits.shape[2]), dim=2).indices
         hits = ranked == labels.view(-1, 1, 1)
-        top1, top5, n = top1 + hits[..., 0].sum(0), top5 + hits.any(2).sum(0), n + len(labels)
+        top1, top5, n, classes = top1 + hits[..., 0].sum(0), top5 + hits.any(2).sum(0), n + len(labels), logits.shape[2]
     if n == 0:
         raise ValueError("evaluate_heads: no data")
-    return 100.0 * top1 / n, 100.0 * top5 / n
+    diverged = bad[:, 0] > 0
+    return HeadScores((100.0 * top1 / n).masked_fill(diverged, math.nan),
+                      (100.0 * top5 / n).masked_fill(diverged, math.nan), bad, n, classes)
 
 
 def select_head(specs: Sequence[HeadSpec], val_top1: Sequence[float]) -> int:
-    """Index of the best val top-1; ties go to the smaller lr, then fewer blocks, then no avgpool."""
-    keys = [(-float(acc), s.lr, s.choice.n_last_blocks, s.choice.avgpool) for s, acc in zip(specs, val_top1)]
+    """Index of the best val top-1; ties go to the smaller lr, then fewer blocks, then no avgpool; NaN last."""
+    keys = [(math.isnan(acc), 0.0 if math.isnan(acc) else -float(acc), s.lr, s.choice.n_last_blocks,
+             s.choice.avgpool) for s, acc in zip(specs, val_top1)]
     return min(range(len(specs)), key=keys.__getitem__)
 
 
@@ -270,10 +297,18 @@ def probe_heads(specs: Sequence[HeadSpec], dims: dict[FeatureChoice, int], n_cla
     heads = LinearHeads(specs, dims, n_classes, seed).to(device)
     train_heads(heads, StackedSGD(heads, lin.momentum, lin.weight_decay), train, lin.epochs, n_steps, progress)
     t1 = time.time()
-    val_top1 = evaluate_heads(heads, val())[0].tolist()
+    val_scores = evaluate_heads(heads, val())
+    val_top1 = val_scores.top1.tolist()
+    if all(math.isnan(acc) for acc in val_top1):
+        least = int(val_scores.nonfinite[:, 0].argmin())
+        raise val_scores.error(least, f"linear-probe val logits: all {len(specs)} heads are non-finite; the least "
+                                      f"affected, {specs[least].name}")
     best = select_head(specs, val_top1)
     t2 = time.time()
-    test_top1, test_top5 = (t.tolist() for t in evaluate_heads(heads, test()))  # first read of the test split
+    test_scores = evaluate_heads(heads, test())  # first read of the test split
+    test_top1, test_top5 = test_scores.top1.tolist(), test_scores.top5.tolist()
+    if math.isnan(test_top1[best]):
+        raise test_scores.error(best, f"linear-probe test logits of the chosen head {specs[best].name}")
     grid = [{"name": s.name, "lr": s.lr, "scaled_lr": s.scaled_lr, "n_last_blocks": s.choice.n_last_blocks,
              "avgpool": s.choice.avgpool, "val_top1": val_top1[i], "test_top1": test_top1[i]}
             for i, s in enumerate(specs)]
@@ -311,12 +346,18 @@ def probe_test_set(cfg: Config) -> Dataset:
 
 
 def backbone_batches(backbone: nn.Module, loader: Iterable, choices: Sequence[FeatureChoice],
-                     device: str | torch.device) -> Batches:
-    """One frozen forward pass per image batch, every feature choice built from it."""
-    n_max = max(c.n_last_blocks for c in choices)
+                     device: str | torch.device, what: str = "linear-probe features") -> Batches:
+    """One frozen forward pass per image batch, every feature choice built from it.
+
+    Non-finite features are counted on the device batch by batch and raise (``NonFiniteFeaturesError``,
+    one host sync) when the pass ends, before its consumer reports an epoch or an accuracy.
+    """
+    n_max, tally = max(c.n_last_blocks for c in choices), FiniteTally(what)
     for images, labels in loader:
         feats = frozen_features(backbone, images.to(device, non_blocking=True), n_max)
+        tally.add(feats.cls_blocks, feats.mean_patch)
         yield linear_inputs(feats, choices), labels.to(device)
+    tally.check()
 
 
 def extract_all(backbone: nn.Module, loader: Iterable, choices: Sequence[FeatureChoice],
@@ -328,6 +369,7 @@ def extract_all(backbone: nn.Module, loader: Iterable, choices: Sequence[Feature
         labels.append(torch.as_tensor(targets))
     cls = torch.cat([p.cls_blocks.cpu() for p in parts])
     mean = None if parts[0].mean_patch is None else torch.cat([p.mean_patch.cpu() for p in parts])
+    check_finite((cls, mean), "linear-probe train features")
     return FrozenFeatures(cls, mean), torch.cat(labels)
 
 
@@ -377,10 +419,12 @@ def _linear_probe(backbone: nn.Module, cfg: Config, device: str | torch.device, 
     def test() -> Batches:  # built on demand: probe_heads calls it after the head is chosen
         test_set = probe_test_set(cfg)
         sizes["test_size"] = len(test_set)
-        return backbone_batches(backbone, _loader(cfg, test_set, False), choices, device)
+        return backbone_batches(backbone, _loader(cfg, test_set, False), choices, device,
+                                "linear-probe test features")
 
     dims = {c: c.dim(backbone.embed_dim) for c in choices}
-    val = lambda: backbone_batches(backbone, _loader(cfg, val_set, False), choices, device)  # noqa: E731
+    val = lambda: backbone_batches(backbone, _loader(cfg, val_set, False), choices, device,  # noqa: E731
+                                   "linear-probe val features")
     chosen, grid, timing = probe_heads(specs, dims, num_classes(cfg.data), train, val, test, lin, n_steps,
                                        device, cfg.seed, progress)
     timing = {**timing, "extract_s": extract_s, "total_s": time.time() - start}
@@ -397,7 +441,8 @@ def _train_source(backbone: nn.Module, cfg: Config, train_set: Dataset, choices:
     """Augment mode: a fresh frozen pass over augmented images each epoch. Fast mode: features once."""
     if cfg.linear.augment:
         loader = _loader(cfg, train_set, True)
-        return (lambda epoch: backbone_batches(backbone, loader, choices, device)), 0.0
+        return (lambda epoch: backbone_batches(backbone, loader, choices, device,
+                                               f"linear-probe train features (epoch {epoch + 1})")), 0.0
     t0 = time.time()
     if progress is not None:
         progress(f"[ssl-bench] linear (fast mode): extracting features of {len(train_set)} train images once")

@@ -60,3 +60,53 @@ def test_monitor_needs_a_sustained_window_and_records_its_first_step():
     assert (m.collapsed_step, m.reason) == (40, REASON_ENTROPY_ZERO)
     assert m.update(70, 2.0, 0.5)  # once collapsed, the flag stays
     assert m.summary()["collapse_step"] == 40 and m.summary()["collapsed"]
+
+
+# ---- non-finite inputs: an error with counts, never a NaN diagnostic --------------------------------------
+
+def _bad(n=6, d=4, nan_at=((1, 2),), inf_at=()):
+    x = torch.rand(n, d) + 0.1
+    for r, c in nan_at:
+        x[r, c] = math.nan
+    for r, c in inf_at:
+        x[r, c] = math.inf
+    return x
+
+
+@pytest.mark.parametrize("fn,default", [(target_entropy, "collapse diagnostics: teacher targets"),
+                                        (rankme, "collapse diagnostics: RankMe embeddings"),
+                                        (feature_std, "collapse diagnostics: feature-std features")])
+def test_single_tensor_diagnostics_raise_with_counts(fn, default):
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    x = _bad(nan_at=((1, 2), (1, 3), (4, 0)), inf_at=((5, 1),))
+    with pytest.raises(NonFiniteFeaturesError, match=rf"^{default}: 3 of 6 rows \(samples\) hold NaN or inf "
+                                                     r"\(3 NaN and 1 inf among 24 values\)"):
+        fn(x)
+    with pytest.raises(NonFiniteFeaturesError, match=r"^collapse diagnostics: teacher CLS: 6 of 6 rows .*"
+                                                     r"\(24 NaN and 0 inf"):
+        fn(torch.full((6, 4), math.nan), what="collapse diagnostics: teacher CLS")
+
+
+def test_rankme_of_nan_raises_instead_of_failing_inside_the_svd():
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    with pytest.raises(NonFiniteFeaturesError, match="1 of 6 rows"):
+        rankme(_bad())
+    assert rankme(torch.eye(5) * 3) == pytest.approx(5.0, rel=1e-4)  # finite input: as before
+
+
+def test_kl_raises_on_non_finite_teacher_targets_or_student_logits():
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    good_t = [torch.full((3, 4), 0.25), torch.full((3, 4), 0.25)]
+    good_s = [torch.zeros(3, 4) for _ in range(4)]
+    bad_t = [good_t[0], _bad(3, 4, nan_at=((0, 0), (2, 1)))]
+    with pytest.raises(NonFiniteFeaturesError, match=r"^collapse diagnostics: teacher targets of 2 views: 2 of 6 "
+                                                     r"rows \(samples\) hold NaN or inf \(2 NaN and 0 inf among 24"):
+        kl_teacher_student(bad_t, good_s, 0.1)
+    bad_s = good_s[:3] + [_bad(3, 4, nan_at=(), inf_at=((1, 1),))]
+    with pytest.raises(NonFiniteFeaturesError, match=r"^collapse diagnostics: student logits of 4 views: 1 of 12 "
+                                                     r"rows .*\(0 NaN and 1 inf among 48"):
+        kl_teacher_student(good_t, bad_s, 0.1)
+    assert kl_teacher_student(good_t, good_s, 0.1) == pytest.approx(0.0, abs=1e-6)

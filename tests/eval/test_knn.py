@@ -237,3 +237,74 @@ def test_bench_knn_reports_figures_on_a_tiny_problem():
                         classes=7, repeats=2, method=method)
         assert out["images_per_s"] > 0 and out["seconds"] > 0 and out["peak_rss_mb"] > 0
         assert 0 <= out["top1"] <= 100 and out["config"]["bank"] == 300 and out["method"] == method
+
+
+# ---- non-finite features: an error with counts, never an accuracy ---------------------------------------
+
+def _poison(case):
+    """(bank (40, 8), test (11, 8), which tensor is bad, bad rows, NaN values, inf values)."""
+    train, _, test = gaussian_case()
+    if case == "nan in bank":
+        train[[3, 17, 30], 2] = math.nan
+        train[17, 5] = math.nan
+        return train, test, "bank", 3, 4, 0
+    if case == "nan in test":
+        test[[0, 10]] = math.nan
+        return train, test, "test", 2, 16, 0
+    if case == "+inf in bank":
+        train[8, 0] = math.inf
+        return train, test, "bank", 1, 0, 1
+    if case == "one nan value in one test row":
+        test[4, 7] = math.nan
+        return train, test, "test", 1, 1, 0
+    assert case == "all nan"  # without the check: top-1 = 100% (see the negative control below)
+    return torch.full_like(train, math.nan), torch.full_like(test, math.nan), "bank", 40, 320, 0
+
+
+NONFINITE_CASES = ["nan in bank", "nan in test", "+inf in bank", "one nan value in one test row", "all nan"]
+PATHS = {"plain": {}, "chunked": {"chunk_size": 3}, "blocked": {"chunk_size": 4, "bank_block": 7},
+         "fp16 bank": {"chunk_size": 5, "bank_block": 16, "fp16_bank": True}}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+def test_non_finite_features_never_give_an_accuracy(case, path):
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    train, test, bad, rows, nan, inf = _poison(case)
+    labels, targets = torch.arange(40) % 4, torch.arange(11) % 4
+    kw = dict(PATHS[path])
+    chunk = kw.pop("chunk_size", 1024)
+    n, what = (40, "k-NN bank features") if bad == "bank" else (11, "k-NN test features")
+    expected = (rf"^{what}: {rows} of {n} rows \(samples\) hold NaN or inf \({nan} NaN and {inf} inf among "
+                rf"{n * 8} values\)")
+    calls = [lambda: knn_accuracies(train, labels, test, targets, [1, 5, 20], 0.07, 4, chunk, **kw),
+             lambda: knn_classify(train, labels, test, 5, 0.07, 4, chunk, **kw),
+             lambda: knn_neighbours(train, labels, test, 5, chunk, **kw),
+             lambda: knn_topk(train, test, 5, chunk, **kw)]
+    for call in calls:
+        with pytest.raises(NonFiniteFeaturesError, match=expected) as info:
+            call()
+        assert (info.value.bad_rows, info.value.rows, info.value.nan, info.value.inf) == (rows, n, nan, inf)
+
+
+def test_negative_control_without_the_check_all_nan_scores_100_percent(monkeypatch):
+    """What the check prevents: NaN similarities fail every comparison, so every label ranks first."""
+    from ssl_bench.eval import knn
+
+    monkeypatch.setattr(knn, "check_finite", lambda *a, **k: None)
+    train, test, *_ = _poison("all nan")
+    accs = knn.knn_accuracies(train, torch.arange(40) % 4, test, torch.arange(11) % 4, [1, 20], 0.07, 4)
+    assert accs[20]["top1"] == 100.0
+
+
+def test_finite_features_still_checked_once_per_tensor(monkeypatch):
+    """One check of the bank and one of the test features per call, however many chunks and blocks."""
+    from ssl_bench.eval import knn
+
+    seen = []
+    real = knn.check_finite
+    monkeypatch.setattr(knn, "check_finite", lambda x, what, **k: seen.append(what) or real(x, what, **k))
+    train, labels, test = gaussian_case()
+    knn.knn_accuracies(train, labels, test, torch.arange(11) % 4, [1, 20], 0.07, 4, 2, bank_block=5)
+    assert seen == ["k-NN bank features", "k-NN test features"]

@@ -7,6 +7,10 @@ with ``sharded=True`` inside the group, and ``torch.save``s both. The parent com
 single-process run. Cases: an uneven 19/18 split (``shard_range``), a 3/34 split where rank 0's
 shard is smaller than k, an empty shard, an fp16 bank with blocks, and exact ties (lattice
 features, duplicate rows with other labels placed on the other rank).
+
+Non-finite cases: NaN/inf in one rank's shard, on both, in the test features, an all-NaN bank beside
+an empty shard. Every rank must raise ``NonFiniteFeaturesError`` with the global counts (a rank whose
+own shard is clean too, instead of waiting in a collective), and the group must stay usable after.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from ssl_bench import dist
 from tests.gloo_ranks import run_ranks
+from ssl_bench.eval.finite import NonFiniteFeaturesError
 from ssl_bench.eval.knn import knn_accuracies, knn_neighbours, shard_range
 
 pytestmark = pytest.mark.ddp
@@ -33,6 +38,44 @@ CASES = {
     "fp16 bank, blocks": ([(0, 19), (19, 37)], "gaussian", 3, 8, True),
     "exact ties": ([(0, 19), (19, 37)], "lattice", 4, 5, False),
 }
+
+
+# name -> (split, chunk_size, bank_block, fp16_bank, what, bad rows, rows, NaN values, inf values)
+NONFINITE = {
+    "nan on rank 1 only": ([(0, 19), (19, 37)], 4, None, False, "k-NN bank features", 1, 37, 8, 0),
+    "nan and inf on both ranks, fp16": ([(0, 19), (19, 37)], 3, 8, True, "k-NN bank features", 2, 37, 1, 2),
+    "nan in test": ([(0, 19), (19, 37)], 5, 7, False, "k-NN test features", 1, 13, 1, 0),
+    "all nan beside an empty shard": ([(0, 0), (0, 37)], 1024, None, False, "k-NN bank features", 37, 37, 296, 0),
+}
+
+
+def _poisoned(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    bank, labels, test, test_labels = _data("gaussian")
+    if name == "nan on rank 1 only":
+        bank[25] = float("nan")
+    elif name == "nan and inf on both ranks, fp16":
+        bank[2, 0], bank[30, 3], bank[30, 4] = float("inf"), float("-inf"), float("nan")
+    elif name == "nan in test":
+        test[5, 1] = float("nan")
+    else:
+        bank[:] = float("nan")
+    return bank, labels, test, test_labels
+
+
+def _compute_nonfinite(rank: int) -> dict[str, Any]:
+    """Per case: the error's (message, counts) on this rank, or the accuracies if nothing was raised."""
+    out = {}
+    for name, (split, chunk, block, fp16, *_) in NONFINITE.items():
+        bank, labels, test, test_labels = _poisoned(name)
+        lo, hi = split[rank]
+        if hi == lo and not dist.is_distributed():
+            continue
+        try:
+            out[name] = knn_accuracies(bank[lo:hi], labels[lo:hi], test, test_labels, KS, TEMPERATURE, CLASSES,
+                                       chunk, bank_block=block, fp16_bank=fp16, sharded=True)
+        except NonFiniteFeaturesError as err:
+            out[name] = (str(err), (err.what, err.bad_rows, err.rows, err.nan, err.inf))
+    return out
 
 
 def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,6 +108,11 @@ def _compute(rank: int) -> dict[str, Any]:
         out[name] = {"neighbours": knn_neighbours(bank[lo:hi], labels[lo:hi], test, max(KS), chunk, **kwargs),
                      "accs": knn_accuracies(bank[lo:hi], labels[lo:hi], test, test_labels, KS, TEMPERATURE,
                                             CLASSES, chunk, **kwargs)}
+    out["nonfinite"] = _compute_nonfinite(rank)
+    bank, labels, test, test_labels = _data("gaussian")  # after the errors: the group still works
+    lo, hi = shard_range(N_BANK, rank, WORLD_SIZE)
+    out["after errors"] = knn_accuracies(bank[lo:hi], labels[lo:hi], test, test_labels, KS, TEMPERATURE, CLASSES,
+                                         4, sharded=True)
     return out
 
 
@@ -124,3 +172,26 @@ def test_negative_control_shards_alone_differ(ranks):
             if local is None or CASES[name][0][r] == (0, N_BANK):  # empty shard, or the whole bank
                 continue
             assert local["neighbours"].indices.tolist() != ref["neighbours"].indices.tolist(), (name, r)
+
+
+@pytest.mark.parametrize("name", list(NONFINITE))
+def test_non_finite_features_raise_on_every_rank_with_global_counts(ranks, name):
+    _, _, _, _, what, bad_rows, rows, nan, inf = NONFINITE[name]
+    message = (f"{what}: {bad_rows} of {rows} rows (samples) hold NaN or inf ({nan} NaN and {inf} inf among "
+               f"{rows * 8} values)")
+    for r in range(WORLD_SIZE):
+        got = ranks[r]["distributed"]["nonfinite"][name]
+        assert isinstance(got, tuple), f"rank {r} reported accuracies {got}"
+        assert got[0].startswith(message) and got[1] == (what, bad_rows, rows, nan, inf), (r, got)
+
+
+def test_group_is_usable_after_non_finite_errors(ranks):
+    bank, labels, test, test_labels = _data("gaussian")
+    ref = knn_accuracies(bank, labels, test, test_labels, KS, TEMPERATURE, CLASSES, 4)
+    assert all(ranks[r]["distributed"]["after errors"] == ref for r in range(WORLD_SIZE))
+
+
+def test_negative_control_a_clean_shard_alone_sees_no_nan(ranks):
+    """Rank 0's own shard is clean: only the all-reduced counts make it raise inside the group."""
+    local = ranks[0]["local"]["nonfinite"]["nan on rank 1 only"]
+    assert isinstance(local, dict) and 0 <= local[1]["top1"] <= 100

@@ -121,7 +121,7 @@ def test_batched_heads_match_torch_sgd_per_head():
             for _ in range(3)]
     train_heads(heads, StackedSGD(heads, 0.9, 1e-2), lambda epoch: data, epochs=2, n_steps=3)
     logits = heads(data[0][0])
-    top1, _ = evaluate_heads(heads, data)
+    top1 = evaluate_heads(heads, data).top1
     for i, (spec, (w0, b0), (w, b)) in enumerate(zip(specs, init, heads.per_head())):
         ref = torch.nn.Linear(w0.shape[1], 4)
         with torch.no_grad():
@@ -236,3 +236,113 @@ def test_bench_linear_reports_every_variant():
     out = bench_linear(heads=3, n=64, dim=8, classes=3, epochs=1, batch=16)
     assert out["setup"]["steps_per_epoch"] == 4
     assert all(out[v]["best_s"] >= 0 for v in ("stacked", "one_pass", "separate"))
+
+
+# ---- non-finite features and heads: an error with counts, never an accuracy -------------------------------
+
+def nan_on_first_sample(backbone):
+    """The backbone's final norm outputs NaN for the first image of every batch (all tokens, every block)."""
+    def hook(module, args, out):
+        out = out.clone()
+        out[0] = math.nan
+        return out
+    return backbone.model.norm.register_forward_hook(hook)
+
+
+# per-sample values: CLS of the last 4 blocks (4 x 32) + the mean patch token (32); a bad sample is all NaN
+PER_SAMPLE = 4 * 32 + 32
+
+
+@pytest.mark.parametrize("augment,what,bad,rows", [
+    (True, "linear-probe train features (epoch 1)", 2, 64),  # shuffled, drop_last: 2 batches of 32 per epoch
+    (False, "linear-probe train features", 3, 72)])  # extracted once: batches of 32, 32, 8
+def test_linear_probe_refuses_a_backbone_that_outputs_nan(tmp_path, monkeypatch, augment, what, bad, rows):
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    events = []
+    real_select = linear.select_head
+    monkeypatch.setattr(linear, "select_head", lambda *a: events.append("select") or real_select(*a))
+    cfg = config_lib.build_config(config_lib.deep_merge(probe_cfg(tmp_path, augment=augment, lrs=[0.01, 0.1]),
+                                                        {"backbone": {"depth": 4}}))
+    bb = build_backbone(cfg.backbone)
+    nan_on_first_sample(bb)
+    lines = []
+    with pytest.raises(NonFiniteFeaturesError) as info:
+        linear_probe(bb, cfg, progress=lines.append)
+    assert str(info.value).startswith(f"{what}: {bad} of {rows} rows (samples) hold NaN or inf "
+                                      f"({bad * PER_SAMPLE} NaN and 0 inf among {rows * PER_SAMPLE} values)")
+    assert events == [] and not any("epoch 1/1" in line for line in lines)  # no epoch reported, nothing chosen
+
+
+@pytest.mark.parametrize("poisoned,what,rows", [("val", "linear-probe val features", 8),
+                                                 ("test", "linear-probe test features", 24)])
+def test_linear_probe_refuses_nan_in_val_or_test_features(tmp_path, monkeypatch, poisoned, what, rows):
+    """The backbone turns bad after training (val) or after selection (test): the pass still raises."""
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    cfg = config_lib.build_config(config_lib.deep_merge(probe_cfg(tmp_path, augment=False, lrs=[0.01, 0.1]),
+                                                        {"backbone": {"depth": 4}}))
+    bb = build_backbone(cfg.backbone)
+    name = "train_heads" if poisoned == "val" else "select_head"
+    real = getattr(linear, name)
+    monkeypatch.setattr(linear, name, lambda *a, **k: (real(*a, **k), nan_on_first_sample(bb))[0])
+    with pytest.raises(NonFiniteFeaturesError) as info:
+        linear_probe(bb, cfg)
+    assert (info.value.what, info.value.bad_rows, info.value.rows, info.value.nan) == (what, 1, rows, PER_SAMPLE)
+
+
+def test_extract_all_and_backbone_batches_count_every_part():
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    torch.manual_seed(0)
+    bb = tiny_vit()
+    nan_on_first_sample(bb)
+    loader = [(torch.randn(3, 3, 16, 16), torch.zeros(3, dtype=torch.long)) for _ in range(2)]
+    choices = [FeatureChoice(1, False), FeatureChoice(4, True)]
+    with pytest.raises(NonFiniteFeaturesError, match=rf"^linear-probe train features: 2 of 6 rows .*"
+                                                     rf"\({2 * PER_SAMPLE} NaN and 0 inf among {6 * PER_SAMPLE}"):
+        linear.extract_all(bb, loader, choices, "cpu")
+    batches = linear.backbone_batches(bb, loader, choices, "cpu", "linear-probe val features")
+    assert next(batches)[0][FeatureChoice(1, False)].shape == (3, 32)  # batches flow; the check comes at the end
+    next(batches)
+    with pytest.raises(NonFiniteFeaturesError, match="^linear-probe val features: 2 of 6 rows"):
+        next(batches)
+
+
+def test_a_head_with_nan_logits_scores_nan_and_is_never_chosen():
+    specs = head_grid([0.01, 0.1, 1.0], [C1], 256)
+    heads = LinearHeads(specs, {C1: 4}, 3)
+    with torch.no_grad():
+        heads.weights[0][1, 2, 0] = math.nan  # head 1: NaN logit for class 2 on every sample
+    data = [({C1: torch.randn(5, 4)}, torch.tensor([2, 2, 2, 0, 1]))]
+    scores = evaluate_heads(heads, data)
+    assert math.isnan(scores.top1[1]) and math.isnan(scores.top5[1])
+    assert not scores.top1[[0, 2]].isnan().any()  # the other heads are unaffected
+    assert scores.nonfinite.tolist() == [[0, 0, 0], [5, 5, 0], [0, 0, 0]]
+    err = scores.error(1, "logits")
+    assert (err.bad_rows, err.rows, err.nan, err.inf, err.values) == (5, 5, 5, 0, 15)
+    assert select_head(specs, [10.0, math.nan, 5.0]) == 0
+    assert select_head(specs, [math.nan, math.nan, 5.0]) == 2
+    assert select_head(specs, [0.0, math.nan, 0.0]) == 0  # a NaN never beats even 0%
+
+
+def test_probe_heads_refuses_non_finite_logits_on_val_and_on_the_chosen_test_head():
+    from ssl_bench.eval.finite import NonFiniteFeaturesError
+
+    g, (xt, yt), (xv, yv), (xs, ys) = separable_problem()
+    lin = LinearConfig(lrs=[1e-3, 0.1], epochs=1, batch_size=50)
+    specs = head_grid(lin.lrs, [C1], lin.batch_size)
+    bad_val = xv.clone()
+    bad_val[7, 3] = math.nan  # every head's logits on sample 7 are NaN: no head can be chosen
+    with pytest.raises(NonFiniteFeaturesError, match=r"^linear-probe val logits: all 2 heads are non-finite; the "
+                                                     r"least affected, blocks1_avgpool0_lr0.001: 1 of 100 rows "
+                                                     r"\(samples\) hold NaN or inf \(5 NaN and 0 inf among 500"):
+        probe_heads(specs, {C1: 16}, 5, sources(xt, yt, 50, g), lambda: sources(bad_val, yv, 100)(),
+                    lambda: sources(xs, ys, 100)(), lin, n_steps=8)
+    bad_test = xs.clone()
+    bad_test[11, 0] = math.inf  # +-inf logits for every class of sample 11 (no weight is exactly 0)
+    with pytest.raises(NonFiniteFeaturesError, match=r"^linear-probe test logits of the chosen head "
+                                                     r"blocks1_avgpool0_lr0.1: 1 of 200 rows .*"
+                                                     r"\(0 NaN and 5 inf among 1000 values\)"):
+        probe_heads(specs, {C1: 16}, 5, sources(xt, yt, 50, g), lambda: sources(xv, yv, 100)(),
+                    lambda: sources(bad_test, ys, 100)(), lin, n_steps=8)
