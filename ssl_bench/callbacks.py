@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ssl_bench import dist, tracking
 from ssl_bench.eval import collapse
+from ssl_bench.methods.finite import FiniteWatch, NonFiniteError
 
 # ---- preemption: a request flag a signal handler may set --------------------------------------------
 
@@ -53,6 +54,67 @@ def agreed_preemption(device: torch.device, also: bool = False) -> bool:
         return requested  # no device tensor, no synchronisation in one process
     flag = torch.tensor([1.0 if requested else 0.0], device=device)
     return bool(dist.all_reduce_max(flag).item() > 0)
+
+
+# ---- divergence: a non-finite value ends the run with its step -------------------------------------------
+
+
+class NonFiniteGuard(Callback):
+    """Fail the run at the first non-finite loss term, gradient norm, teacher output or weight (habit 11).
+
+    The method records those on the device (``SSLMethod.finite``, :class:`~ssl_bench.methods.finite.FiniteWatch`);
+    this callback reads the record back, which syncs with the device, only at log steps, at the steps
+    the collapse diagnostics sample (they sync anyway), before every checkpoint write and at the end;
+    in one CPU process, where a read costs nothing, after every step. Under DDP every rank reads at the
+    same steps and the record is all-reduced, so all ranks raise at the same step. It must come before
+    the callbacks that measure the step (diagnostics) and before the checkpoint callback.
+
+    Raises :class:`~ssl_bench.methods.finite.NonFiniteError` ("non-finite <what> at step N").
+    """
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every = max(every_n_steps, 1)
+        self._skipped_logged = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        every_step = pl_module.device.type == "cpu" and not dist.is_distributed()
+        if every_step or step % self.every == 0 or pl_module.diagnostics_wanted:
+            self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer, pl_module)
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, weights: bool = False) -> None:
+        """Raise if anything recorded so far (with ``weights``: or any parameter now) is non-finite."""
+        watch = pl_module.finite
+        if weights:
+            watch.observe_weights(trainer.global_step, [pl_module.student, pl_module.teacher])
+        verdict = watch.verdict()
+        self._log_skips(trainer, watch)
+        if verdict is None:
+            return
+        detail = ""
+        if verdict.what.startswith("gradient norm (fp16"):
+            detail = f"train.fp16_max_consecutive_skips={watch.max_consecutive_skips}"
+        error = NonFiniteError(verdict.what, verdict.step, detail)
+        if trainer.is_global_zero:
+            print(f"[ssl-bench] {error}: stopping; checkpoints/ keeps the last finite checkpoint", flush=True)
+        raise error
+
+    def _log_skips(self, trainer: L.Trainer, watch: FiniteWatch) -> None:
+        """Log the fp16 skipped-step count when it changed (only where a GradScaler is active)."""
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            return
+        skipped = watch.skipped_steps()
+        if skipped != self._skipped_logged and trainer.is_global_zero:  # progress lines print it
+            for logger in trainer.loggers:
+                logger.log_metrics({FP16_SKIPPED: float(skipped)}, trainer.global_step)
+        self._skipped_logged = skipped
+
+
+FP16_SKIPPED = "train/fp16_skipped_steps"
 
 
 # ---- atomic checkpoints with a fallback ----------------------------------------------------------------
@@ -109,11 +171,13 @@ class AtomicLastCheckpoint(Callback):
     Args:
         directory: the run's checkpoints/ folder.
         every_n_steps: mid-epoch cadence in optimizer steps; 0 = epoch ends only.
+        guard: checked before every write, so non-finite weights never replace a finite last.ckpt.
     """
 
-    def __init__(self, directory: Path, every_n_steps: int = 0) -> None:
+    def __init__(self, directory: Path, every_n_steps: int = 0, guard: Optional[NonFiniteGuard] = None) -> None:
         self.directory = Path(directory)
         self.every = every_n_steps
+        self.guard = guard
         self.stopped_at: Optional[int] = None
         self.save_seconds: list[float] = []
 
@@ -122,6 +186,9 @@ class AtomicLastCheckpoint(Callback):
         return self.directory / tracking.LAST_CHECKPOINT
 
     def save(self, trainer: L.Trainer) -> None:
+        """Write the checkpoint; with a guard, only state that is finite (else the guard raises first)."""
+        if self.guard is not None:
+            self.guard.check(trainer, trainer.lightning_module, weights=True)
         start = time.perf_counter()
         save_checkpoint_atomically(trainer, self.directory)
         self.save_seconds.append(time.perf_counter() - start)
@@ -226,10 +293,13 @@ class ProgressLines(Callback):
         elapsed = time.time() - self.start
         rate = (step - self.start_step) / max(elapsed, 1e-9)
         loss = trainer.callback_metrics.get("train/loss")
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        fp16 = (f" fp16 scale {scaler.get_scale():g}, {pl_module.finite.skipped_steps()} step(s) skipped"
+                if scaler is not None else "")
         print(f"[ssl-bench] step {step}/{total} epoch {trainer.current_epoch} "
               f"loss {float(loss) if loss is not None else float('nan'):.4f} "
               f"{rate * trainer.world_size * pl_module.cfg.data.batch_size:.1f} img/s "
-              f"ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+              f"ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min{fp16}", flush=True)
 
 
 class CollapseDiagnostics(Callback):
@@ -296,15 +366,41 @@ def measure(targets: list[torch.Tensor], student_logits: list[torch.Tensor], tea
             tracking.FEATURE_STD: collapse.feature_std(teacher_cls)}
 
 
+class InitialKNN(Callback):
+    """k-NN of the initial teacher backbone on the training device and rank layout, before any step.
+
+    It runs in Lightning's ``setup`` hook: the process group exists and the device is chosen, but a
+    resumed run's checkpoint is not loaded yet, so the weights are still the seeded initial ones.
+    ``wanted`` is False where an earlier attempt's values are reused; under DDP the ranks agree
+    (any rank that wants it makes all of them compute, since the bank is sharded).
+    """
+
+    def __init__(self, wanted: bool, evaluate: Callable[[torch.nn.Module, torch.device], None]) -> None:
+        self.wanted = wanted
+        self.evaluate = evaluate
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        device = trainer.strategy.root_device
+        wanted = self.wanted
+        if dist.is_distributed():
+            wanted = bool(dist.all_reduce_max(torch.tensor([float(wanted)], device=device)).item() > 0)
+        if wanted:
+            self.evaluate(pl_module.eval_backbone().to(device), device)
+
+
 class OnlineKNN(Callback):
-    """k-NN of the teacher backbone every N epochs during training (not after the last: the final eval does it).
+    """k-NN of the teacher backbone every N epochs during training (not after the last: the final eval does it),
+    on the training device.
 
     ``evaluate(backbone) -> metrics`` is the run's k-NN protocol; every rank calls it (the bank is
     sharded under DDP). Values are logged as ``knn/top1``, ``knn/top5`` and ``knn/k{k}_top1`` at the
     current global step, so ``ssl-bench results curves --metric knn/top1`` draws accuracy over training.
     """
 
-    def __init__(self, every_n_epochs: int, evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> None:
+    def __init__(self, every_n_epochs: int,
+                 evaluate: Callable[[torch.nn.Module, torch.device], dict[str, float]]) -> None:
         self.every = every_n_epochs
         self.evaluate = evaluate
 
@@ -312,7 +408,7 @@ class OnlineKNN(Callback):
         epoch = trainer.current_epoch + 1
         if epoch % self.every or epoch >= trainer.max_epochs or trainer.should_stop:
             return
-        metrics = self.evaluate(pl_module.eval_backbone())
+        metrics = self.evaluate(pl_module.eval_backbone(), pl_module.device)
         values = {tracking.ONLINE_KNN_PREFIX + key.removeprefix("knn_"): value for key, value in metrics.items()}
         if trainer.is_global_zero:
             for logger in trainer.loggers:

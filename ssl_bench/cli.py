@@ -32,7 +32,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ssl_bench import train
+    from ssl_bench import repro, train
+    from ssl_bench.methods.finite import NonFiniteError
 
     tree = config_lib.load_config_tree(args.config)
     tree.setdefault("study", Path(args.config).stem)
@@ -40,7 +41,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_id = config_lib.run_id(cfg)
     train.validate_config(cfg, f"run {run_id}")
     print(f"[ssl-bench] run {run_id} -> {Path(cfg.tracking.runs_root) / cfg.study / run_id}", flush=True)
-    result = train.run(cfg, force=args.force)
+    try:
+        result = train.run(cfg, force=args.force)
+    except NonFiniteError as exc:  # recorded in result.json; no traceback for a diverged run
+        if repro.launch_rank(cfg.trainer.devices) == 0:
+            print(f"[ssl-bench] {run_id}: failed: {exc}; no accuracy is reported "
+                  f"({Path(cfg.tracking.runs_root) / cfg.study / run_id / 'result.json'})", flush=True)
+        return 1
     if not result.is_main:
         return 0  # rank 0 reports for the whole DDP run
     if result.skipped:

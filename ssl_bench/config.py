@@ -68,6 +68,9 @@ class BackboneConfig:
     drop_path_rate: float = 0.1
     cifar_stem: bool = False  # ResNets: 3x3 stride-1 stem, no max-pool (28-32 px)
     layerscale: Optional[float] = None  # ViTs: LayerScale init (DINOv2: 1e-5); None = off
+    # ViTs, position embedding at other sizes: timm (antialiased bicubic to the new grid) | dino (official DINO
+    # interpolate_pos_encoding: bicubic with scale factor (grid + 0.1) / old grid, no antialias)
+    pos_embed_interpolation: str = "timm"
     kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model kwargs
 
 
@@ -84,6 +87,9 @@ class MethodConfig:
     teacher_temp: float = 0.04  # after warmup
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
+    # per_step: linear over the warmup's steps | per_epoch: constant within an epoch, official DINO's
+    # teacher_temp_schedule[epoch] (warmup_teacher_temp_epochs must then be a whole number)
+    teacher_temp_schedule: str = "per_step"
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # cosine to momentum_teacher_end
     momentum_teacher_end: float = 1.0
@@ -172,6 +178,9 @@ class TrainConfig:
     # checkpoints/last.ckpt every N optimizer steps (mid-epoch) as well as at epoch ends; 0 = epoch ends only
     checkpoint_every_n_steps: int = 50
     resume: bool = True  # continue an unfinished attempt of the same run id from its checkpoint
+    # 16-mixed: a step the GradScaler skips (inf/NaN gradients) is counted, not a divergence; this many in a
+    # row fail the run as "non-finite gradient norm" (the scale has then dropped by 2^N)
+    fp16_max_consecutive_skips: int = 20
 
 
 @dataclass
@@ -219,6 +228,10 @@ class Config:
 WANDB_MODES = ("off", "offline", "online")
 LR_SCALING_RULES = ("linear_256", "sqrt_1024")
 OPTIMIZERS = ("adamw", "sgd")
+TEACHER_TEMP_SCHEDULES = ("per_step", "per_epoch")
+POS_EMBED_INTERPOLATIONS = ("timm", "dino")
+# Keys added after runs existed: at their default they stay out of the run id, so old run ids still hold.
+HASHED_UNLESS_DEFAULT = {"method.teacher_temp_schedule": "per_step", "backbone.pos_embed_interpolation": "timm"}
 # Keys that do not change what is computed, so they stay out of the run id.
 # Evaluation-only settings (online k-NN cadence, bank precision and blocks, feature cache, the linear
 # probe run by ``ssl-bench eval linear``) change no trained weight; each evaluation records them in
@@ -227,6 +240,7 @@ OPTIMIZERS = ("adamw", "sgd")
 # Speed levers change how fast, not what (tests/test_speed.py checks the weights agree).
 UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "speed", "trainer.num_threads",
                  "train.diagnostics_every_n_steps", "train.checkpoint_every_n_steps", "train.resume",
+                 "train.fp16_max_consecutive_skips",
                  "eval.knn_every_n_epochs", "eval.knn_fp16_bank", "eval.knn_bank_block", "eval.cache_features",
                  "linear")
 BASE_KEY = "base"  # a config file may name another file it extends
@@ -361,6 +375,16 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling!r}; valid: {', '.join(LR_SCALING_RULES)}")
     if cfg.optim.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optim.optimizer={cfg.optim.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    m = cfg.method
+    if m.teacher_temp_schedule not in TEACHER_TEMP_SCHEDULES:
+        raise ConfigError(f"method.teacher_temp_schedule={m.teacher_temp_schedule!r}; "
+                          f"valid: {', '.join(TEACHER_TEMP_SCHEDULES)}")
+    if m.teacher_temp_schedule == "per_epoch" and m.warmup_teacher_temp_epochs != int(m.warmup_teacher_temp_epochs):
+        raise ConfigError(f"method.warmup_teacher_temp_epochs={m.warmup_teacher_temp_epochs} must be a whole number "
+                          "of epochs with method.teacher_temp_schedule=per_epoch")
+    if cfg.backbone.pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ConfigError(f"backbone.pos_embed_interpolation={cfg.backbone.pos_embed_interpolation!r}; "
+                          f"valid: {', '.join(POS_EMBED_INTERPOLATIONS)}")
     lo, hi = cfg.method.mask_ratio
     if not 0 <= lo <= hi < 1 or not 0 <= cfg.method.mask_probability <= 1:
         raise ConfigError(f"method.mask_ratio must be [low, high] with 0 <= low <= high < 1 and "
@@ -433,6 +457,10 @@ def config_hash(cfg: Config, length: int = 8) -> str:
         for part in parts[:-1]:
             node = node[part]
         node.pop(parts[-1], None)
+    for key, default in HASHED_UNLESS_DEFAULT.items():
+        section, name = key.split(".")
+        if tree[section].get(name) == default:
+            del tree[section][name]
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 

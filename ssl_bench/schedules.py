@@ -2,7 +2,9 @@
 
 Follows DINO (Caron et al. 2021), facebookresearch/dino ``utils.cosine_scheduler``
 and the teacher-temperature warmup of ``DINOLoss``: linear warmup, then a
-half-cosine from the base value to the final value over the remaining steps.
+half-cosine from the base value to the final value over the remaining steps. The teacher
+temperature warms up per step (``linspace_at``) or, as the official code, per epoch
+(``teacher_temp_per_epoch``, still a function of the global step).
 """
 
 from __future__ import annotations
@@ -28,10 +30,25 @@ def cosine(step: int, total_steps: int, base: float, final: float,
 
 
 def linspace_at(step: int, num: int, start: float, end: float) -> float:
-    """``numpy.linspace(start, end, num)[step]``; ``end`` for ``step >= num - 1``."""
-    if num <= 1 or step >= num - 1:
+    """``numpy.linspace(start, end, num)[step]``, and ``end`` past it (``step >= num``).
+
+    As numpy, a one-point warmup is its ``start``: official DINO's ``cosine_scheduler`` with one
+    warmup iteration gives lr 0 at step 0, and a one-epoch teacher-temperature warmup its start value.
+    """
+    if step >= num:
         return end
+    if num == 1:
+        return start
     return start + (end - start) * step / (num - 1)
+
+
+def teacher_temp_per_epoch(step: int, steps_per_epoch: int, warmup_epochs: int, start: float, end: float) -> float:
+    """DINO's teacher temperature at global ``step``, held constant within each epoch.
+
+    The official ``DINOLoss.teacher_temp_schedule[epoch]``: ``linspace(start, end, warmup_epochs)`` for the
+    first ``warmup_epochs`` epochs, then ``end``, with ``epoch = step // steps_per_epoch``.
+    """
+    return linspace_at(step // max(steps_per_epoch, 1), warmup_epochs, start, end)
 
 
 def scaled_lr(base_lr: float, total_batch_size: int, rule: str = "linear_256") -> float:

@@ -20,14 +20,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssl_bench import config as config_lib
 from ssl_bench import dist, repro, speed, tracking
-from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, OnlineKNN, Preempted, ProgressLines,
-                                 agreed_preemption)
+from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, InitialKNN, NonFiniteGuard, OnlineKNN,
+                                 Preempted, ProgressLines, agreed_preemption)
 from ssl_bench.data import SSLDataModule
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
 from ssl_bench.eval.features import FeatureCache, weights_sha256
 from ssl_bench.eval.knn_protocol import run_knn
 from ssl_bench.methods import build_method
+from ssl_bench.methods.finite import NonFiniteError
 from ssl_bench.resume import Attempt, plan_resume, start_attempt
 
 
@@ -71,6 +72,10 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
         _run_attempt(cfg, run_dir, attempt)
     except Preempted as exc:
         _finish(run_dir, attempt, {**record, "status": tracking.STATUS_PREEMPTED, "step": exc.step,
+                                   "metrics": attempt.metrics, "timing": {"wall_s": round(time.time() - started, 2)}})
+        raise
+    except NonFiniteError as exc:  # habit 11: a diverged run reports its step, never an accuracy
+        _finish(run_dir, attempt, {**record, "status": tracking.STATUS_FAILED, "error": str(exc), "step": exc.step,
                                    "metrics": attempt.metrics, "timing": {"wall_s": round(time.time() - started, 2)}})
         raise
     except BaseException as exc:
@@ -130,12 +135,6 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
     speed.apply(method, cfg)
     datamodule = build_datamodule(cfg, method)
     metrics, timing, protocol = attempt.metrics, attempt.timing, attempt.protocol
-    if attempt.knn_init:
-        t0 = time.time()
-        values, protocol["knn"] = knn_metrics(cfg, method.eval_backbone(), suffix="_init")
-        metrics.update(values)
-        timing["knn_init_s"] = round(time.time() - t0, 2)
-        attempt.on_init_metrics()
 
     diagnostics = CollapseDiagnostics(cfg.train.diagnostics_every_n_steps,
                                       CollapseMonitor(cfg.method.out_dim, cfg.train.collapse_entropy_low,
@@ -143,9 +142,12 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
                                                       cfg.train.collapse_window),
                                       cfg.train.stop_on_collapse)
     extra: list[Callback] = [diagnostics]
+    if cfg.eval.knn and cfg.eval.knn_init:  # inside fit: on the training device, sharded over the ranks
+        extra.append(InitialKNN(attempt.knn_init,
+                                lambda backbone, device: _knn_init(cfg, attempt, backbone, device)))
     if cfg.eval.knn and cfg.eval.knn_every_n_epochs:
         extra.append(OnlineKNN(cfg.eval.knn_every_n_epochs,
-                               lambda backbone: knn_metrics(cfg, backbone, suffix="")[0]))
+                               lambda backbone, device: knn_metrics(cfg, backbone, suffix="", device=device)[0]))
     trainer = build_trainer(cfg, run_dir, extra)
     attempt.wandb = next((lg for lg in trainer.loggers if not isinstance(lg, tracking.JsonlLogger)), None)
     start_step = attempt.resume.step if attempt.resume else 0
@@ -155,7 +157,7 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
     except SIGTERMException as exc:
         _raise_if_preempted(trainer, method.device, exc)
         raise
-    train_s = time.time() - t0
+    train_s = time.time() - t0 - (timing.get("knn_init_s", 0.0) if attempt.knn_init else 0.0)  # minus the init k-NN
     _raise_if_preempted(trainer, method.device)
     attempt.ddp = _rank_weight_hashes(method)
     images = (trainer.global_step - start_step) * cfg.data.batch_size * trainer.world_size
@@ -164,9 +166,13 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
     metrics["train_loss_last"] = _last_logged(trainer, "train/loss", run_dir.path)
     metrics.update({f"{name}_last": value for name, value in diagnostics.last.items() if name != "collapsed"})
 
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        timing["fp16_skipped_steps"] = method.finite.skipped_steps()
     if cfg.eval.knn:  # every rank: under DDP each extracts its share and holds its shard of the bank
         t0 = time.time()
-        values, protocol["knn"] = knn_metrics(cfg, method.eval_backbone(), suffix="", run_dir=run_dir.path)
+        device = trainer.strategy.root_device  # Lightning moved the module back to the CPU at the end of fit
+        values, protocol["knn"] = knn_metrics(cfg, method.eval_backbone().to(device), suffix="",
+                                              run_dir=run_dir.path, device=device)
         metrics.update(values)
         timing["knn_s"] = round(time.time() - t0, 2)
     timing["peak_rss_mb"] = round(repro.peak_rss_mb(), 1)
@@ -220,10 +226,28 @@ def quiet_lightning() -> None:
 def trainer_settings(cfg: config_lib.Config) -> dict[str, Any]:
     """The ``L.Trainer`` arguments every training loop shares (runs here, ``ssl-bench bench train``)."""
     t = cfg.trainer
-    return {"accelerator": t.accelerator, "devices": t.devices, "num_nodes": t.num_nodes, "precision": t.precision,
+    return {"accelerator": t.accelerator, "devices": t.devices, "num_nodes": t.num_nodes, **precision_settings(cfg),
             "max_epochs": cfg.optim.epochs, "enable_checkpointing": False, "enable_model_summary": False,
             "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
             "num_sanity_val_steps": 0}
+
+
+def runs_on_cpu(cfg: config_lib.Config) -> bool:
+    return cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+
+
+def precision_settings(cfg: config_lib.Config) -> dict[str, Any]:
+    """``precision=...``, or for ``16-mixed`` on the CPU an explicit fp16 plugin with a real GradScaler.
+
+    Given ``precision="16-mixed"`` on the CPU, Lightning silently trains in bf16 instead; the
+    explicit ``MixedPrecision("16-mixed", "cpu")`` keeps fp16 autocast and the loss scaling, so the
+    fp16 path of the paper recipes runs (slowly) on a CPU too.
+    """
+    if cfg.trainer.precision in ("16-mixed", "16") and runs_on_cpu(cfg):
+        from lightning.pytorch.plugins import MixedPrecision
+
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    return {"precision": cfg.trainer.precision}
 
 
 def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[Callback] = ()) -> L.Trainer:
@@ -233,17 +257,20 @@ def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[
     if wandb is not None:
         loggers.append(wandb)
     t = cfg.trainer
-    callbacks: list[Callback] = list(extra)
+    # First: a non-finite step fails before the diagnostics measure it or a checkpoint stores it.
+    guard = NonFiniteGuard(cfg.tracking.log_every_n_steps)
+    callbacks: list[Callback] = [guard, *extra]
     if not cfg.tracking.progress_bar:
         callbacks.append(ProgressLines(cfg.tracking.log_every_n_steps * 5))
     # Last: a checkpoint taken at a step end or epoch end covers what the other callbacks did there.
-    callbacks.append(AtomicLastCheckpoint(run_dir.checkpoints, cfg.train.checkpoint_every_n_steps))
-    plugins = []
+    callbacks.append(AtomicLastCheckpoint(run_dir.checkpoints, cfg.train.checkpoint_every_n_steps, guard))
+    settings = trainer_settings(cfg)
+    plugins = settings.pop("plugins", [])
     if SLURMEnvironment.detect():
         # submitit owns the SLURM signals and requeueing (launch/); with auto_requeue Lightning would
         # install its own SIGUSR1 handler that checkpoints to hpc_ckpt_*.ckpt and requeues by itself.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = L.Trainer(**trainer_settings(cfg), max_steps=t.max_steps, logger=loggers, callbacks=callbacks,
+    trainer = L.Trainer(**settings, max_steps=t.max_steps, logger=loggers, callbacks=callbacks,
                         plugins=plugins or None, log_every_n_steps=cfg.tracking.log_every_n_steps,
                         enable_progress_bar=cfg.tracking.progress_bar, default_root_dir=str(run_dir.path))
     if "SUBMITIT_EXECUTOR" in os.environ:
@@ -254,9 +281,20 @@ def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[
     return trainer
 
 
-def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str,
-                run_dir: Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+def _knn_init(cfg: config_lib.Config, attempt: Attempt, backbone: torch.nn.Module, device: torch.device) -> None:
+    """The k-NN of the initial weights, recorded at once (rank 0) so that a preempted attempt keeps it."""
+    t0 = time.time()
+    values, attempt.protocol["knn"] = knn_metrics(cfg, backbone, suffix="_init", device=device)
+    attempt.metrics.update(values)
+    attempt.timing["knn_init_s"] = round(time.time() - t0, 2)
+    attempt.on_init_metrics()
+
+
+def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str, run_dir: Path | None = None,
+                device: torch.device | str = "cpu") -> tuple[dict[str, float], dict[str, Any]]:
     """k-NN top-1/top-5 for every k in cfg.eval.knn_k (``knn_top1{suffix}`` at the reported k) and the protocol.
+
+    ``device`` is where the backbone's weights are (the training device inside training).
 
     With ``eval.cache_features`` the trained backbone's features are kept in ``<run_dir>/features``,
     keyed by a hash of the weights, so later ``ssl-bench eval knn`` calls reuse them.
@@ -264,7 +302,8 @@ def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str,
     cache = weights = None
     if cfg.eval.cache_features and run_dir is not None and not suffix:
         cache, weights = FeatureCache(run_dir / tracking.FEATURES_DIR), weights_sha256(backbone)
-    outcome = run_knn(cfg, backbone, suffix, cache, weights, progress=lambda label: feature_progress(cfg, label),
+    outcome = run_knn(cfg, backbone, suffix, cache, weights, device,
+                      progress=lambda label: feature_progress(cfg, label),
                       log=lambda line: print(line, flush=True) if dist.rank() == 0 else None)
     return outcome.metrics, outcome.protocol
 

@@ -50,3 +50,20 @@ def test_two_process_run_writes_one_record(tmp_path, tiny_tree):
                              "--no-cache"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     assert f"top-1 {result['metrics']['knn_top1']:.2f}%" in single.stdout
+
+
+@pytest.mark.ddp
+def test_two_process_run_that_diverges_fails_on_every_rank_at_one_step(tmp_path, tiny_tree):
+    """Both ranks read the all-reduced non-finite flag at the same steps and stop together."""
+    tree = {**tiny_tree, "data": {**tiny_tree["data"], "subset": 64}, "optim": {"lr": 1e30, "epochs": 2},
+            "trainer": {"max_steps": 8, "devices": 2}, "train": {"diagnostics_every_n_steps": 0}}
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    out = subprocess.run([sys.executable, "-m", "ssl_bench.cli", "train", str(cfg_file)], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0
+    assert out.stdout.count(": failed: non-finite") == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "ddp").iterdir()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"] == f"non-finite teacher output at step {result['step']}"
+    assert "knn_top1" not in result["metrics"]

@@ -51,6 +51,8 @@ DINO_VANILLA: dict[str, Any] = {
     "local_crops": 8, "local_crop_size": 96, "local_crop_scale": [0.05, 0.4],
     "out_dim": 65536, "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "head_nlayers": 3,
     "norm_last_layer": True, "freeze_last_layer_epochs": 1, "precision": "16-mixed", "augs": DINO_AUGS,
+    # main_dino.py DINOLoss: teacher_temp_schedule[epoch]; vision_transformer.py interpolate_pos_encoding
+    "teacher_temp_schedule": "per_epoch", "pos_embed_interpolation": "dino",
 }
 # README "Boosting DINO performance" full command; run_with_submitit.py defaults: 2 nodes x 8 GPUs.
 DINO_BOOSTED = {**DINO_VANILLA, "total_batch": 1024, "lr": 0.002, "epochs": 300, "teacher_temp": 0.07,
@@ -62,7 +64,8 @@ DINO_800 = {**DINO_BOOSTED, "epochs": 800, "global_crop_scale": [0.25, 1.0], "lo
 # README "ResNet-50 and other convnets trainings": 8 GPUs, SGD, lr 0.03, wd 1e-4 constant, crop scales.
 DINO_RN50 = {**DINO_VANILLA, "backbone": "resnet50", "patch_size": None, "img_size": None, "drop_path": 0.0,
              "optimizer": "sgd", "base_lr": 0.03, "lr": 0.06, "weight_decay": 1e-4, "weight_decay_end": 1e-4,
-             "global_crop_scale": [0.14, 1.0], "local_crop_scale": [0.05, 0.14]}
+             "global_crop_scale": [0.14, 1.0], "local_crop_scale": [0.05, 0.14],
+             "pos_embed_interpolation": "timm"}  # no position embedding in a ResNet
 # dinov2 ssl_default_config.yaml (+ vitl14.yaml: patch 14, local crops 98, Sinkhorn-Knopp), ViT-S.
 DINOV2_VITS14: dict[str, Any] = {
     **DINO_VANILLA, "method": "dinov2", "backbone": "vit_small_patch14_dinov2", "patch_size": 14,
@@ -70,7 +73,8 @@ DINOV2_VITS14: dict[str, Any] = {
     "layerwise_decay": 0.9, "patch_embed_lr_mult": 0.2, "layerscale": 1e-5,
     "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30, "momentum_teacher": 0.992,
     "global_crop_scale": [0.32, 1.0], "local_crop_size": 98, "local_crop_scale": [0.05, 0.32],
-    "norm_last_layer": False,
+    "norm_last_layer": False, "teacher_temp_schedule": "per_step",  # dinov2 schedules per iteration
+    "pos_embed_interpolation": "timm",
     "sinkhorn_iterations": 3, "koleo_weight": 0.1, "ibot_weight": 1.0, "ibot_separate_head": False,
     "ibot_out_dim": None, "mask_probability": 0.5, "mask_ratio": [0.1, 0.5],
 }
@@ -118,6 +122,7 @@ def resolved(cfg: config_lib.Config, keys: set[str]) -> dict[str, Any]:
         "optimizer": o.optimizer, "epochs": o.epochs, "warmup_epochs": o.warmup_epochs, "min_lr": o.min_lr,
         "weight_decay": o.weight_decay, "weight_decay_end": o.weight_decay_end, "clip_grad": o.clip_grad,
         "drop_path": b.drop_path_rate, "layerwise_decay": o.layerwise_decay,
+        "pos_embed_interpolation": b.pos_embed_interpolation,
         "patch_embed_lr_mult": o.patch_embed_lr_mult, "layerscale": b.layerscale,
         "global_crops": dino_methods.NUM_GLOBAL_CROPS, "global_crop_size": d.global_crop_size,
         "global_crop_scale": list(d.global_crop_scale), "local_crops": effective_local_crops(cfg),
@@ -127,7 +132,8 @@ def resolved(cfg: config_lib.Config, keys: set[str]) -> dict[str, Any]:
             "student_temp", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "center_momentum",
             "momentum_teacher", "momentum_teacher_end", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
             "head_nlayers", "norm_last_layer", "freeze_last_layer_epochs", "sinkhorn_iterations", "koleo_weight",
-            "ibot_weight", "ibot_separate_head", "ibot_out_dim", "mask_probability", "mask_ratio")},
+            "ibot_weight", "ibot_separate_head", "ibot_out_dim", "mask_probability", "mask_ratio",
+            "teacher_temp_schedule")},
     }
     values["mask_ratio"] = list(values["mask_ratio"])
     return {k: values[k] for k in keys}
@@ -153,9 +159,13 @@ def assert_matches(cfg: config_lib.Config, table: dict[str, Any], label: str) ->
 
 
 def teacher_temp_at_epoch(cfg: config_lib.Config, epoch: float) -> float:
-    """Teacher temperature after ``epoch`` ImageNet epochs, as the methods schedule it (per step)."""
+    """Teacher temperature after ``epoch`` ImageNet epochs, as the methods schedule it (per step or epoch)."""
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // total_batch(cfg)  # drop_last
     m = cfg.method
+    if m.teacher_temp_schedule == "per_epoch":
+        return schedules.teacher_temp_per_epoch(round(epoch * steps_per_epoch), steps_per_epoch,
+                                                int(m.warmup_teacher_temp_epochs), m.warmup_teacher_temp,
+                                                m.teacher_temp)
     warmup_steps = round(m.warmup_teacher_temp_epochs * steps_per_epoch)
     return schedules.linspace_at(round(epoch * steps_per_epoch), warmup_steps, m.warmup_teacher_temp, m.teacher_temp)
 
@@ -191,7 +201,8 @@ def test_recipe_matches_paper_values(name):
 
 
 @pytest.mark.parametrize("override", ["method.teacher_temp=0.07", "data.local_crops_number=10", "optim.lr=0.001",
-                                      "trainer.devices=4", "method.norm_last_layer=false", "data.aug.blur_p=[1,1,1]"])
+                                      "trainer.devices=4", "method.norm_last_layer=false", "data.aug.blur_p=[1,1,1]",
+                                      "method.teacher_temp_schedule=per_step", "backbone.pos_embed_interpolation=timm"])
 def test_a_changed_value_is_caught(override):
     cfg = config_lib.load_config(RECIPES / "dino_vits16_100ep.yaml", [override])
     with pytest.raises(AssertionError, match="differ"):
@@ -221,8 +232,10 @@ def test_teacher_temperature_schedule(name, start, end):
     assert teacher_temp_at_epoch(cfg, 0) == pytest.approx(start)
     assert teacher_temp_at_epoch(cfg, 30) == pytest.approx(end)
     assert teacher_temp_at_epoch(cfg, cfg.optim.epochs - 1) == pytest.approx(end)
-    if start != end:  # halfway through the 30-epoch warmup
-        assert teacher_temp_at_epoch(cfg, 15) == pytest.approx((start + end) / 2, abs=1e-4)
+    if start != end:  # halfway through the 30-epoch warmup; per epoch: official linspace(start, end, 30)[15]
+        per_epoch = cfg.method.teacher_temp_schedule == "per_epoch"
+        halfway = start + (end - start) * 15 / 29 if per_epoch else (start + end) / 2
+        assert teacher_temp_at_epoch(cfg, 15) == pytest.approx(halfway, abs=1e-4)
 
 
 def test_dinov2_values_named_in_the_task():

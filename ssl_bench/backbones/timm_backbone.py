@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import nn
 
+from ssl_bench.backbones.pos_embed import use_dino_pos_embed
 from ssl_bench.config import BackboneConfig
 from ssl_bench.registry import unknown_choice_message
 
@@ -102,6 +103,11 @@ def build_backbone(cfg: BackboneConfig, mask_token: bool = False) -> Backbone:
         apply_cifar_stem(model)
     if cfg.layerscale is not None and not hasattr(model, "patch_embed"):
         raise ValueError(f"backbone.layerscale applies to ViTs only; {cfg.name!r} has no transformer blocks")
+    if cfg.pos_embed_interpolation == "dino":
+        if not hasattr(model, "patch_embed"):
+            raise ValueError(f"backbone.pos_embed_interpolation='dino' applies to ViTs only; {cfg.name!r} has no "
+                             "position embedding (use the default 'timm')")
+        use_dino_pos_embed(model)
     return Backbone(model, mask_token=mask_token)
 
 

@@ -97,6 +97,8 @@ def run_state(spec: Any, job: Optional[dict[str, Any]], live: dict[str, dict[str
         row.slurm_state = info.get("state")
         row.nodes = info.get("nodes") or row.nodes
     status = result.get("status")
+    if status == tracking.STATUS_FAILED and result.get("error"):  # e.g. "non-finite loss at step 12"
+        row.notes.append(str(result["error"]).splitlines()[0][:160])
     if status == tracking.STATUS_COMPLETED:
         collapsed = (result.get("collapse") or {}).get("collapsed")
         row.state = COLLAPSED if collapsed else COMPLETED

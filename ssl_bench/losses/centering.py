@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ssl_bench.dist import all_reduce_mean
+from ssl_bench.losses.precision import at_least_fp32
 
 
 class Centering(nn.Module):
@@ -23,7 +24,7 @@ class Centering(nn.Module):
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
         """Args: teacher_logits: (N, K) teacher outputs of this rank's global views."""
-        batch_center = teacher_logits.float().mean(dim=0, keepdim=True)
+        batch_center = at_least_fp32(teacher_logits).mean(dim=0, keepdim=True)
         batch_center = all_reduce_mean(batch_center)
         self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
 

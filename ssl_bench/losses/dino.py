@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_bench.losses.precision import at_least_fp32
+
 
 def teacher_targets(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """Centred, sharpened teacher distribution ``softmax((t - c) / tau_t)``.
@@ -16,7 +18,7 @@ def teacher_targets(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_
     Returns:
         (N, K) probabilities, computed in fp32.
     """
-    return F.softmax((teacher_logits.float() - center.float()) / teacher_temp, dim=-1)
+    return F.softmax((at_least_fp32(teacher_logits) - at_least_fp32(center)) / teacher_temp, dim=-1)
 
 
 def dino_cross_entropy(teacher_probs: list[torch.Tensor], student_logits: list[torch.Tensor],
@@ -31,7 +33,7 @@ def dino_cross_entropy(teacher_probs: list[torch.Tensor], student_logits: list[t
     Returns:
         Scalar loss.
     """
-    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
+    log_probs = [F.log_softmax(at_least_fp32(s) / student_temp, dim=-1) for s in student_logits]
     total = student_logits[0].new_zeros((), dtype=torch.float32)
     pairs = 0
     for i, target in enumerate(teacher_probs):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_bench.losses.precision import at_least_fp32
+
 
 def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor,
                     masks: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -39,8 +41,8 @@ def ibot_masked_patch_loss(student_masked_logits: torch.Tensor, teacher_masked_p
         student_temp: tau_s.
     """
     masks = masks.bool()
-    per_patch = torch.sum(-teacher_masked_probs.float()
-                          * F.log_softmax(student_masked_logits.float() / student_temp, dim=-1), dim=-1)
+    per_patch = torch.sum(-at_least_fp32(teacher_masked_probs)
+                          * F.log_softmax(at_least_fp32(student_masked_logits) / student_temp, dim=-1), dim=-1)
     masked_per_image = masks.sum(dim=-1).clamp(min=1).float()  # (B,)
     weights = (1.0 / masked_per_image).unsqueeze(-1).expand_as(masks)[masks]  # (M,)
     return torch.sum(per_patch * weights) / masks.shape[0]

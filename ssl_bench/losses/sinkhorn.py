@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ssl_bench.dist import all_reduce_max, all_reduce_sum
+from ssl_bench.losses.precision import at_least_fp32
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -27,7 +28,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         (b, K) fp32 target probabilities: each row sums to 1; over the global batch each
         column sums to B/K once the iterations have converged (approximately after 3).
     """
-    scores = teacher_logits.float() / teacher_temp
+    scores = at_least_fp32(teacher_logits) / teacher_temp
     # One shared constant keeps exp() finite; any constant cancels in the normalisations,
     # but it must be the same on every rank, hence the all-reduced maximum.
     # An empty rank (e.g. no masked patch here) still joins every all-reduce.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import lightning as L
 import torch
@@ -19,6 +19,7 @@ from ssl_bench import schedules
 from ssl_bench.backbones import Backbone, build_backbone
 from ssl_bench.config import Config, run_id
 from ssl_bench.heads import DINOHead
+from ssl_bench.methods.finite import FiniteWatch
 from ssl_bench.registry import Registry
 
 METHODS: Registry[type["SSLMethod"]] = Registry("method")
@@ -101,14 +102,37 @@ def param_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_
 
 
 @torch.no_grad()
-def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
-    """Scale each parameter's gradient to norm <= max_norm, independently (DINO's clip_gradients)."""
+def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> Optional[torch.Tensor]:
+    """Scale each parameter's gradient to norm <= max_norm, independently (DINO's clip_gradients).
+
+    Returns the total gradient norm before clipping (a device tensor, no host sync), or None
+    without gradients; ``max_norm <= 0`` measures without clipping.
+    """
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads or max_norm <= 0:
-        return
+    if not grads:
+        return None
     norms = torch.stack(torch._foreach_norm(grads))
-    scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(scales.unbind()))
+    if max_norm > 0:
+        scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, list(scales.unbind()))
+    return norms.norm()
+
+
+def unscale_gradients(trainer: "L.Trainer", optimizer: torch.optim.Optimizer) -> bool:
+    """Divide the gradients by the fp16 loss scale now, as official DINO's ``fp16_scaler.unscale_``
+    before ``clip_gradients``; True when a GradScaler is active.
+
+    Lightning's ``MixedPrecision.optimizer_step`` unscales right before ``on_before_optimizer_step``,
+    except for optimizers that unscale inside their own step (fused AdamW/SGD: ``_step_supports_amp_scaling``,
+    the attribute Lightning itself reads), whose gradients would reach the clip still scaled by 65536 and
+    more. Those are unscaled here; ``GradScaler.step`` then sees them as unscaled and only skips on inf.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None:
+        return False
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
+    return True
 
 
 @torch.no_grad()
@@ -144,6 +168,7 @@ class SSLMethod(L.LightningModule):
         self.diagnostics_wanted = False  # set by the diagnostics callback on the steps it samples
         self.diagnostic_inputs: DiagnosticInputs | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self.finite = FiniteWatch(cfg.train.fp16_max_consecutive_skips)  # read by callbacks.NonFiniteGuard
 
     # ----- schedules: functions of the global step -------------------------------
     def on_train_start(self) -> None:
@@ -156,10 +181,12 @@ class SSLMethod(L.LightningModule):
     # ----- checkpoints: what Lightning's own state lacks for an exact resume -------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the run id and every rank's RNG states (drop path draws from torch's global generator)."""
-        checkpoint["ssl_bench"] = {"run_id": run_id(self.cfg), "global_step": self.global_step}
+        checkpoint["ssl_bench"] = {"run_id": run_id(self.cfg), "global_step": self.global_step,
+                                   "fp16_skips": self.finite.state_dict()}
         checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finite.load_state_dict(checkpoint.get("ssl_bench", {}).get("fp16_skips", {}), self.device)
         states = checkpoint.get("rng_states")
         if states:  # this rank's states when the world size is the same, else rank 0's
             self._rng_to_restore = states[self.global_rank] if len(states) == self.trainer.world_size else states[0]
@@ -185,6 +212,9 @@ class SSLMethod(L.LightningModule):
 
     def teacher_temp_at(self, step: int) -> float:
         m = self.cfg.method
+        if m.teacher_temp_schedule == "per_epoch":  # official DINO: teacher_temp_schedule[epoch]
+            return schedules.teacher_temp_per_epoch(step, self.steps_per_epoch, int(m.warmup_teacher_temp_epochs),
+                                                    m.warmup_teacher_temp, m.teacher_temp)
         return schedules.linspace_at(step, self.epochs_to_steps(m.warmup_teacher_temp_epochs),
                                      m.warmup_teacher_temp, m.teacher_temp)
 
@@ -208,20 +238,34 @@ class SSLMethod(L.LightningModule):
         return {"lr": lr, "wd": wd}
 
     def optimize(self, loss: torch.Tensor, step: int) -> dict[str, float]:
-        """Backward, per-parameter clipping, last-layer freeze, AdamW step with scheduled lr/wd."""
+        """Backward, then (in :meth:`on_before_optimizer_step`) unscale, clip and freeze, then the AdamW step.
+
+        Under fp16 the GradScaler skips the update when a gradient is inf/NaN; the EMA teacher and
+        the center are still updated after such a step, as official DINO does (its ``DINOLoss``
+        updates the center inside the forward, and ``train_one_epoch`` runs the EMA after
+        ``fp16_scaler.step`` whether or not it stepped): the teacher moves toward an unchanged student.
+        """
         opt = self.optimizers()
         values = self.set_optimizer_schedule(opt.optimizer, step)
-        self.manual_backward(loss)  # the gradients are None here: the previous step freed them
-        clip_per_parameter(list(self.student.parameters()), self.cfg.optim.clip_grad)
-        if step < self.epochs_to_steps(self.cfg.method.freeze_last_layer_epochs):
-            for name, p in self.student.named_parameters():
-                if ".last_layer." in name:  # every head's prototypes stay fixed in the first epoch(s)
-                    p.grad = None
-        opt.step()
+        self.finite.observe(step, "loss", loss)  # read back by callbacks.NonFiniteGuard, no sync here
+        self.manual_backward(loss)  # scaled by the GradScaler under fp16; the gradients were None before
+        opt.step()  # Lightning: unscale (non-fused) -> on_before_optimizer_step -> (scaler.)step -> update
         # Free the gradients now rather than at the next step: they would otherwise sit through the next
         # forward passes, raising peak memory by one copy of the student (same update either way).
         opt.zero_grad(set_to_none=True)
         return values
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscaled gradients first, then DINO's per-parameter clip and the last-layer freeze (habit 12)."""
+        step = self.global_step
+        scaler_active = unscale_gradients(self.trainer, optimizer)
+        grad_norm = clip_per_parameter(list(self.student.parameters()), self.cfg.optim.clip_grad)
+        if grad_norm is not None:
+            self.finite.observe_gradients(step, grad_norm, scaler_active)
+        if step < self.epochs_to_steps(self.cfg.method.freeze_last_layer_epochs):
+            for name, p in self.student.named_parameters():
+                if ".last_layer." in name:  # every head's prototypes stay fixed in the first epoch(s)
+                    p.grad = None
 
     # ----- collapse diagnostics (DINO Fig. 7) ------------------------------------------
     def offer_diagnostics(self, targets: list[torch.Tensor], student_logits: list[torch.Tensor],

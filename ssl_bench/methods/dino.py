@@ -36,6 +36,7 @@ class DINO(SSLMethod):
             targets = self.teacher_probs(teacher_logits, teacher_temp).chunk(NUM_GLOBAL_CROPS)
         student_logits = self.student(crops).chunk(len(crops))
         loss = dino_cross_entropy(targets, student_logits, self.cfg.method.student_temp)
+        self.finite.observe(step, "teacher output", teacher_logits)  # the loss itself: in optimize
 
         schedule = self.optimize(loss, step)
         self.centering.update(teacher_logits)

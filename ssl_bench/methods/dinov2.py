@@ -58,6 +58,9 @@ class DINOv2(DINOSinkhorn):
         loss_ibot = self.ibot_loss(teacher.patches, student.patches, masks, teacher_temp)
         loss_koleo = self.koleo_loss(student.cls)
         loss = loss_dino + m.ibot_weight * loss_ibot + m.koleo_weight * loss_koleo
+        self.finite.observe(step, "teacher output", teacher_logits, teacher.patches)
+        for what, term in (("DINO loss", loss_dino), ("iBOT loss", loss_ibot), ("KoLeo loss", loss_koleo)):
+            self.finite.observe(step, what, term)
 
         schedule = self.optimize(loss, step)
         self.centering.update(teacher_logits)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,9 +45,11 @@ def test_method_trains_two_steps_and_writes_run_dir(name, tiny_tree):
 
 
 def _step(method, crops):
-    """Run the method's training step outside a Trainer (optimizer wired by hand)."""
+    """Run the method's training step outside a Trainer (optimizer wired by hand, as Lightning's
+    fp32 ``optimizer_step``: ``on_before_optimizer_step`` between backward and the update)."""
     opt = method.configure_optimizers()
-    method.optimizers = lambda: _Opt(opt)
+    method.trainer = SimpleNamespace(precision_plugin=None, global_step=0)  # fp32: no GradScaler
+    method.optimizers = lambda: _Opt(opt, method)
     method.manual_backward = lambda loss: loss.backward()
     for name in ("log", "log_dict"):
         if name not in vars(method):  # a test may capture logs itself
@@ -57,13 +60,14 @@ def _step(method, crops):
 
 
 class _Opt:
-    def __init__(self, opt):
-        self.optimizer = opt
+    def __init__(self, opt, method):
+        self.optimizer, self.method = opt, method
 
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self):
+        self.method.on_before_optimizer_step(self.optimizer)
         self.optimizer.step()
 
 
