@@ -110,11 +110,8 @@ class NonFiniteGuard(Callback):
         skipped = watch.skipped_steps()
         if skipped != self._skipped_logged and trainer.is_global_zero:  # progress lines print it
             for logger in trainer.loggers:
-                logger.log_metrics({FP16_SKIPPED: float(skipped)}, trainer.global_step)
+                logger.log_metrics({tracking.FP16_SKIPPED_STEPS: float(skipped)}, trainer.global_step)
         self._skipped_logged = skipped
-
-
-FP16_SKIPPED = "train/fp16_skipped_steps"
 
 
 # ---- atomic checkpoints with a fallback ----------------------------------------------------------------

@@ -45,6 +45,7 @@ STEP_KEY_PREFIXES = ("train/", "collapse/")
 KNN_TOP1 = "knn_top1"
 # Online k-NN during training (eval.knn_every_n_epochs): knn/top1, knn/top5, knn/k{k}_top1 by step.
 ONLINE_KNN_PREFIX = "knn/"
+FP16_SKIPPED_STEPS = "train/fp16_skipped_steps"  # 16-mixed: steps the GradScaler skipped so far
 EVALS_DIR = "evals"  # post-hoc evaluations (ssl-bench eval ...): one JSON record each
 FEATURES_DIR = "features"  # cached frozen features, keyed by weights + data + preprocessing
 

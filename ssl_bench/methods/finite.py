@@ -58,10 +58,11 @@ class FiniteWatch:
         return self._code, self._skips
 
     def observe(self, step: int, what: str, *tensors: torch.Tensor) -> None:
-        """Record ``what`` at ``step`` (the global step before the update) if any of ``tensors`` holds a NaN or an inf (no host sync)."""
+        """Record ``what`` at ``step`` (the global step before the update) if any of ``tensors`` holds a
+        NaN or an inf; no host sync."""
         if not tensors:
             return
-        code, _ = self._state(tensors[0].device)
+        self._state(tensors[0].device)
         bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
         self._record(bad, step * len(KINDS) + KINDS.index(what))
 
@@ -102,10 +103,6 @@ class FiniteWatch:
     def skipped_steps(self) -> int:
         """fp16 steps the GradScaler skipped so far (0 without a scaler)."""
         return 0 if self._skips is None else int(self._skips[0].item())
-
-    def skipped_tensor(self) -> Optional[torch.Tensor]:
-        """The device-side total of skipped steps, for logging without a sync."""
-        return None if self._skips is None else self._skips[0]
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps(),
