@@ -382,6 +382,9 @@ def check_values(cfg: Config) -> None:
     if m.teacher_temp_schedule == "per_epoch" and m.warmup_teacher_temp_epochs != int(m.warmup_teacher_temp_epochs):
         raise ConfigError(f"method.warmup_teacher_temp_epochs={m.warmup_teacher_temp_epochs} must be a whole number "
                           "of epochs with method.teacher_temp_schedule=per_epoch")
+    if cfg.train.fp16_max_consecutive_skips < 1:
+        raise ConfigError(f"train.fp16_max_consecutive_skips={cfg.train.fp16_max_consecutive_skips}: must be >= 1 "
+                          "(the number of fp16 steps skipped in a row that fails a run)")
     if cfg.backbone.pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
         raise ConfigError(f"backbone.pos_embed_interpolation={cfg.backbone.pos_embed_interpolation!r}; "
                           f"valid: {', '.join(POS_EMBED_INTERPOLATIONS)}")

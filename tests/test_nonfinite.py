@@ -172,3 +172,8 @@ def test_every_knn_inside_training_gets_the_training_device(tiny_tree, monkeypat
     train.run(cfg)
     assert [c[0] for c in calls] == ["_init", "", ""]  # init, online after epoch 1, final
     assert all(device == weights for _, device, weights in calls)
+
+
+def test_skip_limit_below_one_is_refused_before_any_run(tiny_tree):
+    with pytest.raises(config_lib.ConfigError, match="train.fp16_max_consecutive_skips=0"):
+        config_lib.build_config(tiny_tree, {"train": {"fp16_max_consecutive_skips": 0}})
