@@ -299,6 +299,32 @@ class ProgressLines(Callback):
               f"ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min{fp16}", flush=True)
 
 
+HEARTBEAT_EVERY_S = 60.0
+
+
+class Heartbeat(Callback):
+    """Rank 0 calls ``beat`` (rewrite result.json's owner.heartbeat_at) at a train-batch end, at most every ``every_s``.
+
+    ``grid status`` calls a run whose heartbeat went silent lost; between beats a batch costs one clock read.
+    """
+
+    def __init__(self, beat: Callable[[], None], every_s: float = HEARTBEAT_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.beat, self.every_s, self.clock = beat, every_s, clock
+        self.last = clock()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        now = self.clock()
+        if now - self.last < self.every_s or not trainer.is_global_zero:
+            return
+        self.last = now
+        try:
+            self.beat()
+        except OSError as exc:  # a full or flaky disk must not end a long run over a heartbeat
+            print(f"[ssl-bench] heartbeat not written: {exc}", flush=True)
+
+
 class CollapseDiagnostics(Callback):
     """Every N steps: teacher entropy, KL(teacher || student), RankMe, feature std, collapse flag.
 

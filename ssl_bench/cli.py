@@ -40,13 +40,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_lib.build_config(tree, config_lib.parse_overrides(args.overrides), source=args.config)
     run_id = config_lib.run_id(cfg)
     train.validate_config(cfg, f"run {run_id}")
-    print(f"[ssl-bench] run {run_id} -> {Path(cfg.tracking.runs_root) / cfg.study / run_id}", flush=True)
+    train.check_local_devices(cfg, f"run {run_id}")  # `ssl-bench train` always runs here
+    print(f"[ssl-bench] run {run_id} -> {config_lib.run_dir(cfg)}", flush=True)  # run_dir refuses unsafe names
     try:
         result = train.run(cfg, force=args.force)
     except NonFiniteError as exc:  # recorded in result.json; no traceback for a diverged run
         if repro.launch_rank(cfg.trainer.devices) == 0:
             print(f"[ssl-bench] {run_id}: failed: {exc}; no accuracy is reported "
-                  f"({Path(cfg.tracking.runs_root) / cfg.study / run_id / 'result.json'})", flush=True)
+                  f"({config_lib.run_dir(cfg) / 'result.json'})", flush=True)
         return 1
     if not result.is_main:
         return 0  # rank 0 reports for the whole DDP run
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     try:
         return args.func(args)
-    except config_lib.ConfigError as exc:
+    except (config_lib.ConfigError, config_lib.CorruptRecordError) as exc:  # user errors: one line, no traceback
         print(f"ssl-bench: error: {exc}", file=sys.stderr)
         return 2
 

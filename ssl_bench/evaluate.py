@@ -77,13 +77,21 @@ def _open_run(path: Path, run_dir: Path, parsed: dict[str, Any], key: str) -> Ta
     if "backbone" in parsed:
         raise config_lib.ConfigError(f"{run_dir}: backbone.* is fixed by the run's checkpoint; "
                                      f"remove {sorted('backbone.' + k for k in parsed['backbone'])}")
+    try:
+        tracking.read_result(run_dir)  # its evaluations go into result.json: refuse before computing any
+    except tracking.CorruptRecordError as exc:
+        raise config_lib.ConfigError(str(exc)) from exc
     tree = config_lib.read_yaml(run_dir / tracking.CONFIG_FILE)
     cfg = config_lib.build_config(tree, parsed, source=str(run_dir / tracking.CONFIG_FILE))
-    checkpoint = path if path.is_file() else run_dir / tracking.CHECKPOINT_DIR / tracking.LAST_CHECKPOINT
-    if not checkpoint.is_file():
-        raise config_lib.ConfigError(f"{run_dir}: no checkpoint at {checkpoint} (did the run finish an epoch?)")
-    backbone, info = _load(checkpoint, cfg.backbone, key)
-    return Target(backbone, cfg, info, run_dir, True, checkpoint)
+    checkpoints = run_dir / tracking.CHECKPOINT_DIR
+    if path.is_file():
+        backbone, info = _load(path, cfg.backbone, key)
+    elif (checkpoints / tracking.LAST_CHECKPOINT).is_file() or (checkpoints / tracking.PREVIOUS_CHECKPOINT).is_file():
+        backbone, info = _load(run_dir, cfg.backbone, key)  # an unreadable last.ckpt falls back to previous.ckpt
+    else:
+        raise config_lib.ConfigError(f"{run_dir}: no checkpoint at {checkpoints / tracking.LAST_CHECKPOINT} "
+                                     f"(did the run finish an epoch?)")
+    return Target(backbone, cfg, info, run_dir, True, Path(info.path))
 
 
 def _open_imported(path: Path, parsed: dict[str, Any], key: str) -> Target:
@@ -110,7 +118,8 @@ def imported_backbone_overrides(section: dict[str, Any], path: Path):
 
 def _load(path: Path, backbone_cfg, key: str, num_heads: int | None = None) -> tuple[Backbone, CheckpointInfo]:
     try:
-        return load_backbone(path, backbone_cfg, key=key, num_heads=num_heads)
+        return load_backbone(path, backbone_cfg, key=key, num_heads=num_heads,
+                             log=lambda line: print(line, flush=True))
     except (ValueError, KeyError, OSError) as exc:
         raise config_lib.ConfigError(str(exc)) from exc
 
@@ -159,7 +168,7 @@ def _ensure_imported_dir(target: Target) -> None:
     """An imported checkpoint gets a run-like directory: its eval config and a result.json to collect."""
     directory = target.record_dir
     directory.mkdir(parents=True, exist_ok=True)
-    if tracking.read_result(directory) is None:
+    if tracking.read_result(directory) is None:  # a corrupt one raises CorruptRecordError: never overwritten
         tracking.atomic_write_text(directory / tracking.CONFIG_FILE, config_lib.to_yaml(target.cfg))
         tracking.write_json(directory / tracking.RESULT_FILE, {
             "run_id": directory.name, "study": IMPORTED_STUDY, "method": f"imported:{target.info.format}",
@@ -231,7 +240,8 @@ def _collapse_of_run(target: Target, device: torch.device, batches: int) -> tupl
     cfg = target.cfg
     repro.seed_everything(cfg.seed)
     method = build_method(cfg)
-    state = torch.load(target.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    # ssl-bench checkpoints hold tensors and plain values only (methods/base.py), so weights_only=True reads them.
+    state = torch.load(target.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     method.load_state_dict(state)
     method.eval().to(device)
     teacher_temp = method.teacher_temp_at(10**12)  # the end of the schedule: what the checkpoint trained with

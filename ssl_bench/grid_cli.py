@@ -17,13 +17,17 @@ def load_study(args: argparse.Namespace):
 
 def plan_rows(study) -> list[dict]:
     from ssl_bench.report.collect import read_json
+    from ssl_bench.tracking import OWNER_KEY, check_owner
 
     rows = []
     for spec in study.runs:
-        result = read_json(spec.run_dir / "result.json")
+        result = read_json(spec.run_dir / "result.json") or {}
+        status = result.get("status", "pending")
+        if status == "running":  # a record left by a process that is gone is lost, never running
+            lost, note = check_owner(result.get(OWNER_KEY))
+            status = f"lost ({note})" if lost else status
         rows.append({"run_id": spec.run_id, "method": spec.method, **{k: v for k, v in spec.axes if k != "method.name"},
-                     "seed": spec.seed, "status": (result or {}).get("status", "pending"),
-                     "run_dir": str(spec.run_dir)})
+                     "seed": spec.seed, "status": status, "run_dir": str(spec.run_dir)})
     return rows
 
 
@@ -46,7 +50,7 @@ def _profile(args: argparse.Namespace):
 
 
 def _validate(study, args: argparse.Namespace):
-    """Every run checked (registries, model, data; with a profile, resources) before anything starts."""
+    """Every run checked (registries, model, data; a profile's resources, else this machine's) before any starts."""
     from ssl_bench.launch.grid import validate
     from ssl_bench.wandb_mirror import check_wandb
 
@@ -54,11 +58,16 @@ def _validate(study, args: argparse.Namespace):
     for mode in sorted({spec.config.tracking.wandb for spec in study.runs}):
         check_wandb(next(s.config for s in study.runs if s.config.tracking.wandb == mode))  # key before submitting
     profile = _profile(args)
-    if profile is not None:
-        from ssl_bench.launch.slurm import validate_for_cluster
+    if profile is None:  # runs on this machine: its devices must exist (with a profile, the profile decides)
+        from ssl_bench.train import check_local_devices
 
-        for warning in validate_for_cluster(study, profile, _submitit_cluster(args.cluster)):
-            print(f"[ssl-bench] warning: {warning}", flush=True)
+        for spec in study.runs:
+            check_local_devices(spec.config, f"run {spec.run_id}")
+        return None
+    from ssl_bench.launch.slurm import validate_for_cluster
+
+    for warning in validate_for_cluster(study, profile, _submitit_cluster(args.cluster)):
+        print(f"[ssl-bench] warning: {warning}", flush=True)
     return profile
 
 
@@ -151,7 +160,7 @@ def _launch_submitit(study, profile, args: argparse.Namespace, evals: list[str])
 def cmd_grid_status(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ssl_bench.launch.status import rows_for_table, study_status
+    from ssl_bench.launch.status import rows_for_table, study_status, torn_summary
 
     study = load_study(args)
     states = study_status(study)
@@ -161,6 +170,9 @@ def cmd_grid_status(args: argparse.Namespace) -> int:
     for s in states:
         counts[s.state] = counts.get(s.state, 0) + 1
     print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    torn = torn_summary(states)
+    if torn:
+        print(torn)
     return 0
 
 

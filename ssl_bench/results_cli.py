@@ -34,7 +34,11 @@ def load_runs(target: str, overrides: list[str], source: str = "runs", project: 
     if path.suffix in RUN_FILES:
         if not path.is_file():
             raise config_lib.ConfigError(f"collected runs file {path} does not exist")
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, comment="#")
+        try:
+            df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, comment="#")
+        except (ValueError, OSError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
+            raise config_lib.ConfigError(f"{path} cannot be read as a `ssl-bench results collect` table: "
+                                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         if "status" not in df or "run_id" not in df:
             raise config_lib.ConfigError(f"{path} is not a `ssl-bench results collect` table (no run_id/status)")
         study = str(df["study"].iloc[0]) if "study" in df and len(df) else path.stem

@@ -1,7 +1,8 @@
 """Resuming an interrupted run: which checkpoint to continue from, and the run directory of the new attempt.
 
 An unfinished attempt (result.json running/failed/preempted, or none) that left a loadable
-checkpoint of the same run id is continued; its records say so (``resumes``), and the
+checkpoint of the same run id is continued; its records say so (``resumes``, each with the ``reason``
+the attempt before ended: preempted, failed or lost), and the
 metrics.jsonl lines of work that will be redone are set aside under attempts/.
 """
 
@@ -30,6 +31,7 @@ class Attempt:
     ddp: dict[str, Any] = field(default_factory=dict)  # world size and every rank's teacher hash (DDP only)
     wandb: Any = None  # the W&B logger, finished with the final record
     on_init_metrics: Callable[[], None] = lambda: None  # rank 0 records the k-NN at init at once
+    on_heartbeat: Callable[[], None] = lambda: None  # rank 0 refreshes owner.heartbeat_at in result.json
 
 
 def plan_resume(cfg: config_lib.Config, run_id: str, directory: Path, previous: Optional[dict], force: bool,
@@ -66,7 +68,8 @@ def _saved_run_id(directory: Path) -> Optional[str]:
 def start_attempt(cfg: config_lib.Config, run_id: str, run_dir: tracking.RunDir, previous: Optional[dict],
                   attempt: Attempt, fresh_reason: Optional[str]) -> dict[str, Any]:
     """Rank 0: prepare the run directory for this attempt; returns the fixed part of its result.json."""
-    record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed}
+    record: dict[str, Any] = {"run_id": run_id, "study": cfg.study, "method": cfg.method.name, "seed": cfg.seed,
+                              tracking.OWNER_KEY: repro.owner()}
     if attempt.resume is None:
         archived = tracking.archive_previous_attempt(run_dir.path) if run_dir.path.exists() else None
         run_dir.start(cfg, run_id, repro.environment(cfg.seed, cfg.trainer.devices * cfg.trainer.num_nodes))
@@ -74,8 +77,13 @@ def start_attempt(cfg: config_lib.Config, run_id: str, run_dir: tracking.RunDir,
             record["fresh_start"] = {"reason": fresh_reason, "archived_to": str(archived) if archived else None}
     else:
         _continue_attempt(run_id, run_dir, previous or {}, attempt, record)
-    attempt.on_init_metrics = lambda: run_dir.write_result({**record, "status": tracking.STATUS_RUNNING,
-                                                            "metrics": attempt.metrics, "timing": attempt.timing})
+
+    def write_running() -> None:  # every "running" record is also a heartbeat of its owner
+        record[tracking.OWNER_KEY]["heartbeat_at"] = repro.utc_now()
+        run_dir.write_result({**record, "status": tracking.STATUS_RUNNING, "metrics": attempt.metrics,
+                              "timing": attempt.timing})
+
+    attempt.on_init_metrics = attempt.on_heartbeat = write_running
     attempt.on_init_metrics()
     return record
 
@@ -89,6 +97,7 @@ def _continue_attempt(run_id: str, run_dir: tracking.RunDir, previous: dict, att
     _, moved = tracking.set_aside_metrics(run_dir.path, resume.step, tracking.next_attempt_dir(run_dir.path))
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     record["resumes"] = list(previous.get("resumes", [])) + [{
+        "reason": resume_reason(previous), "previous_owner": previous.get(tracking.OWNER_KEY),
         "from_step": resume.step, "checkpoint": resume.name, "epoch": resume.epoch, "batch": resume.batch,
         "at": repro.utc_now(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -102,3 +111,13 @@ def _continue_attempt(run_id: str, run_dir: tracking.RunDir, previous: dict, att
         attempt.knn_init = False
     print(f"[ssl-bench] resuming {run_id} from step {resume.step} ({tracking.CHECKPOINT_DIR}/{resume.path.name}, "
           f"epoch {resume.epoch}, batch {resume.batch} of {resume.batches_per_epoch})", flush=True)
+
+
+RESUME_REASONS = ("preempted", "lost", "failed")
+
+
+def resume_reason(previous: dict) -> str:
+    """Why the attempt before this one ended: "preempted", "failed", or "lost" (its record still said
+    running, or there was none: the process was killed, e.g. SIGKILL or a node failure)."""
+    status = previous.get("status")
+    return {tracking.STATUS_PREEMPTED: "preempted", tracking.STATUS_FAILED: "failed"}.get(status, "lost")

@@ -5,18 +5,24 @@ The run directory (DESIGN.md §1) is the source of truth; W&B mirrors it.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import shutil
+import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ssl_bench.config import RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, Config, to_yaml
+from ssl_bench import repro
+from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, Config,  # noqa: F401
+                              CorruptRecordError, read_json_record, read_jsonl_counted, to_yaml)
+# CorruptRecordError is re-exported: callers of read_result catch tracking.CorruptRecordError
 
 CONFIG_FILE = RUN_CONFIG_FILE
 ENV_FILE = "env.json"
@@ -57,15 +63,101 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+NON_FINITE_KEY = "non_finite"  # top-level key of a JSON record: dotted paths of values written as null
+
+
+def finite_json(value: Any, replaced: list[str], where: str = "") -> Any:
+    """``value`` as plain JSON data with every NaN/±inf (also numpy/torch scalars) replaced by None.
+
+    The dotted path of each replaced value (``metrics.linear_grid.3.val_top1``) is appended to ``replaced``.
+    """
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy / torch scalars and arrays
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {k: finite_json(v, replaced, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, replaced, f"{where}.{i}" if where else str(i)) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        replaced.append(where)
+        return None
+    return value
+
+
+def strict_json(data: Mapping[str, Any]) -> str:
+    """Strict JSON text of a record (no NaN/Infinity tokens); replaced paths listed under NON_FINITE_KEY."""
+    replaced: list[str] = []
+    clean = finite_json({k: v for k, v in data.items() if k != NON_FINITE_KEY}, replaced)
+    # A record read back and rewritten (record_eval) keeps the flags of values that are still null.
+    earlier = data.get(NON_FINITE_KEY)
+    kept = [p for p in earlier if isinstance(p, str) and _at(clean, p) is _NULL] if isinstance(earlier, list) else []
+    replaced = list(dict.fromkeys(kept + replaced))
+    if replaced:
+        clean[NON_FINITE_KEY] = replaced
+    return json.dumps(clean, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+
+
+_NULL = object()
+
+
+def _at(data: Any, dotted: str) -> Any:
+    """The value at a dotted path of finite_json's output: _NULL where it is None, None where absent."""
+    node = data
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return _NULL if node is None else node
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, strict_json(data))
 
 
 def read_result(directory: Path) -> dict[str, Any] | None:
-    """The run's result.json, or None when absent or unreadable (e.g. truncated)."""
+    """The run's result.json, or None when absent; raises CorruptRecordError when it cannot be read."""
+    return read_json_record(Path(directory) / RESULT_FILE)
+
+
+# The process that writes a "running" result.json (repro.owner()) and how long its heartbeat may be silent.
+OWNER_KEY = "owner"
+LOST_AFTER_S = 30 * 60  # an owner on another host without a heartbeat for this long is lost
+_PID_REUSE_SLACK_S = 5.0  # started_at has whole seconds; a process started later than this is another one
+
+
+def check_owner(owner: Any, now: float | None = None) -> tuple[bool, str | None]:
+    """(lost, note) for the owner of a "running" record, judged from this host without SLURM.
+
+    On this host: lost when its pid is gone, or now belongs to a process started after the run did.
+    Elsewhere: lost when the heartbeat is older than LOST_AFTER_S; else the note gives its age.
+    A record without a readable owner (older versions) is never called lost.
+    """
+    if not isinstance(owner, Mapping):
+        return False, None
+    pid, host = owner.get("pid"), owner.get("host")
+    if host == socket.gethostname() and isinstance(pid, int):
+        if not repro.pid_alive(pid):
+            return True, f"process {pid} on {host} is gone"
+        began, started = repro.process_start_time(pid), _epoch(owner.get("started_at"))
+        if began is not None and started is not None and began > started + _PID_REUSE_SLACK_S:
+            return True, f"pid {pid} on {host} is another process now"
+        return False, None
+    beat = _epoch(owner.get("heartbeat_at"))
+    if beat is None:
+        return False, None
+    minutes = int(max(0.0, (time.time() if now is None else now) - beat) // 60)
+    if minutes * 60 >= LOST_AFTER_S:
+        return True, f"no heartbeat for {minutes} min"
+    return False, f"heartbeat {minutes} min ago"
+
+
+def _epoch(stamp: Any) -> float | None:
+    """Epoch seconds of a repro.utc_now() timestamp (None when absent or unreadable)."""
     try:
-        return json.loads((Path(directory) / RESULT_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        return datetime.datetime.fromisoformat(stamp).timestamp() if isinstance(stamp, str) else None
+    except ValueError:
         return None
 
 
@@ -209,11 +301,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass
+class MetricLines:
+    """The readable lines of metrics.jsonl and how many were skipped (torn by a crash, or being written)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    torn: int = 0
+
+
+def read_metrics_counted(directory: Path) -> MetricLines:
+    """metrics.jsonl's lines that parse, and the count of those that do not (absent file: none)."""
+    return MetricLines(*read_jsonl_counted(Path(directory) / METRICS_FILE))
+
+
 def read_metrics(directory: Path) -> list[dict[str, Any]]:
-    path = Path(directory) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """metrics.jsonl's readable lines; ``read_metrics_counted`` also says how many were skipped."""
+    return read_metrics_counted(directory).records
 
 
 def wandb_logger(cfg: Config, run_id: str, directory: Path) -> Logger | None:
@@ -222,8 +325,7 @@ def wandb_logger(cfg: Config, run_id: str, directory: Path) -> Logger | None:
         return None
     from ssl_bench.wandb_mirror import wandb_logger as mirror
 
-    env_path = Path(directory) / ENV_FILE
-    env = json.loads(env_path.read_text()) if env_path.exists() else None
+    env = read_json_record(Path(directory) / ENV_FILE)
     return mirror(cfg, run_id, directory, env)
 
 

@@ -20,8 +20,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssl_bench import config as config_lib
 from ssl_bench import dist, repro, speed, tracking
-from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, InitialKNN, NonFiniteGuard, OnlineKNN,
-                                 Preempted, ProgressLines, agreed_preemption)
+from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, Heartbeat, InitialKNN, NonFiniteGuard,
+                                 OnlineKNN, Preempted, ProgressLines, agreed_preemption)
 from ssl_bench.data import SSLDataModule
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
@@ -53,7 +53,12 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     """
     run_id = config_lib.run_id(cfg)
     directory = config_lib.run_dir(cfg)
-    previous = tracking.read_result(directory)
+    try:
+        previous = tracking.read_result(directory)
+    except tracking.CorruptRecordError:
+        if not force:
+            raise  # nothing is resumed, archived or overwritten on a record nobody can read
+        previous = None  # --force starts over: the attempt, its corrupt record included, goes to attempts/
     if previous and previous.get("status") == tracking.STATUS_COMPLETED and not force:
         return RunResult(run_id, directory, tracking.STATUS_COMPLETED, previous.get("metrics", {}),
                          previous.get("timing", {}), skipped=True)
@@ -141,7 +146,7 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
                                                       cfg.train.collapse_entropy_high, cfg.train.collapse_kl,
                                                       cfg.train.collapse_window),
                                       cfg.train.stop_on_collapse)
-    extra: list[Callback] = [diagnostics]
+    extra: list[Callback] = [diagnostics, Heartbeat(attempt.on_heartbeat)]
     if cfg.eval.knn and cfg.eval.knn_init:  # inside fit: on the training device, sharded over the ranks
         extra.append(InitialKNN(attempt.knn_init,
                                 lambda backbone, device: _knn_init(cfg, attempt, backbone, device)))
@@ -378,3 +383,36 @@ def validate_config(cfg: config_lib.Config, label: str = "config", check_data: b
             check_dataset(cfg.data)
         except FileNotFoundError as exc:
             raise config_lib.ConfigError(f"{label}: {exc}") from exc
+    size = train_split_size(cfg.data.name)
+    if size is not None:
+        images = min(size, cfg.data.subset or size)
+        problem = config_lib.one_step_problem(cfg, images, f"data.name={cfg.data.name!r} with {images} "
+                                                           "training images")
+        if problem:
+            raise config_lib.ConfigError(f"{label}: {problem}")
+
+
+def train_split_size(name: str) -> Optional[int]:
+    """Images in a dataset's SSL training split when known without reading it (None: count at build time)."""
+    from ssl_bench.data import synthetic
+
+    return {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "stl10": 5000,
+            "synthetic": synthetic.SPLIT_SIZES["train"]}.get(name)
+
+
+def check_local_devices(cfg: config_lib.Config, label: str = "config") -> None:
+    """ConfigError unless this machine has the devices ``trainer`` asks for (local runs; a SLURM profile decides)."""
+    t = cfg.trainer
+    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available()):
+        available, what = (torch.cuda.device_count() if torch.cuda.is_available() else 0), "CUDA GPU(s)"
+    elif runs_on_cpu(cfg):
+        available, what = os.cpu_count() or 1, "CPU cores"
+    else:
+        return  # mps: Lightning reports what is missing
+    if available == 0:
+        raise config_lib.ConfigError(f"{label}: trainer.accelerator={t.accelerator!r} but torch finds no CUDA GPU "
+                                     "here (torch.cuda.is_available() is False); use trainer.accelerator=cpu or run "
+                                     "on a GPU machine (--cluster slurm --profile ...)")
+    if t.devices > available:
+        raise config_lib.ConfigError(f"{label}: trainer.devices={t.devices} but this machine has {available} {what} "
+                                     f"for trainer.accelerator={t.accelerator!r}; valid: 1..{available}")

@@ -328,3 +328,31 @@ def test_inferred_config_for_dinov2_reg_and_resnet50_shapes():
 def test_heads_cannot_be_guessed_below_64_dims(dino):
     with pytest.raises(CheckpointError, match="pass num_heads="):
         infer_backbone_config(dino["backbone"])
+
+
+def test_run_dir_with_unreadable_last_ckpt_falls_back_to_previous(tmp_path):
+    run, teacher, cfg = _write_run(tmp_path, False)
+    last, previous = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "previous.ckpt"
+    previous.write_bytes(last.read_bytes())
+    last.write_bytes(last.read_bytes()[:1000])  # torn by a crash mid-write
+    lines = []
+    bb, info = load_backbone(run, log=lines.append)
+    assert info.path == previous and len(lines) == 1
+    assert lines[0].startswith(f"[ssl-bench] cannot read {last} (") and lines[0].endswith(
+        "falling back to checkpoints/previous.ckpt")
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(_features(bb, x).cls, _features(teacher, x).cls)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*last.ckpt"):
+        load_backbone(last, log=lines.append)  # a file named by the user is never replaced by another
+    last.unlink()
+    assert load_backbone(run, log=lines.append)[1].path == previous and len(lines) == 2
+    previous.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="previous.ckpt"):  # nothing readable left: the error says so
+        load_backbone(run, log=lines.append)
+
+
+def test_run_dir_reads_last_ckpt_without_a_word_when_it_loads(tmp_path):
+    run, _, _ = _write_run(tmp_path, False)
+    (run / "checkpoints" / "previous.ckpt").write_bytes(b"not a checkpoint")
+    lines = []
+    assert load_backbone(run, log=lines.append)[1].path == run / "checkpoints" / "last.ckpt" and lines == []

@@ -88,3 +88,67 @@ def run_results_commands(tmp_path, study, capsys):
     assert "+0.00 (n=1)" in compare  # the same runs on both sides: paired differences are exactly 0
     assert main(["results", "table", str(study), "--cols", "knn_top9"]) == 2
     assert "knn_top9" in capsys.readouterr().err
+
+
+# ---- this machine's devices and one step per epoch, checked before a local run (issue 16 item 1) -----
+
+
+def _train_file(tmp_path, tiny_tree, **trainer):
+    tree = {**tiny_tree, "trainer": {**tiny_tree["trainer"], **trainer}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_train_refuses_gpu_run_without_cuda(tmp_path, tiny_tree, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", str(_train_file(tmp_path, tiny_tree, accelerator="gpu"))]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.accelerator='gpu' but torch finds no CUDA GPU" in err
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_train_refuses_more_gpus_than_present(tmp_path, tiny_tree, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["train", str(_train_file(tmp_path, tiny_tree, accelerator="cuda", devices=3))]) == 2
+    assert "trainer.devices=3 but this machine has 2 CUDA GPU(s)" in capsys.readouterr().err
+
+
+def test_train_refuses_more_cpu_processes_than_cores(tmp_path, tiny_tree, capsys, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    path = _train_file(tmp_path, tiny_tree, devices=3)
+    assert main(["train", str(path), "data.subset=null"]) == 2
+    assert "trainer.devices=3 but this machine has 2 CPU cores" in capsys.readouterr().err
+
+
+def test_train_refuses_batch_larger_than_the_dataset(tmp_path, tiny_tree, capsys):
+    path = _train_file(tmp_path, tiny_tree)
+    assert main(["train", str(path), "data.subset=null", "data.batch_size=600"]) == 2  # synthetic: 512 images
+    err = capsys.readouterr().err
+    assert "data.name='synthetic' with 512 training images gives no training step per epoch" in err
+    assert "a step needs 600 images" in err
+
+
+def test_local_grid_checks_devices_but_a_profile_decides_on_slurm(tmp_path, tiny_tree, capsys, monkeypatch):
+    import torch
+
+    from ssl_bench import grid_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**tiny_tree, "trainer": {"accelerator": "gpu"}}))
+    study = tmp_path / "st.yaml"
+    study.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"seed": [0, 1]}}))
+    assert main(["grid", "plan", str(study)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["grid", "launch", str(study)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr("ssl_bench.launch.slurm.validate_for_cluster", lambda *a: seen.append(a) or [])
+    args = grid_cli.argparse.Namespace(study=str(study), overrides=[], cluster="submitit-local", profile=None)
+    assert grid_cli._validate(grid_cli.load_study(args), args).name == "submitit-local"
+    assert seen  # the profile's check ran instead of this machine's

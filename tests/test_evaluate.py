@@ -190,3 +190,34 @@ def test_eval_linear_of_a_run_records_grid_and_choice(trained):
     assert entry["protocol"]["mode"] == "fast" and entry["chosen"] == out["chosen"]
     df = collect([{"run_id": result.run_id, "run_dir": result.run_dir, "seed": 0, "axes": {}}])
     assert df.loc[0, "linear_top1"] == out["metrics"]["linear_top1"]
+
+
+def test_eval_of_a_run_with_a_truncated_last_ckpt_falls_back_to_previous(trained, tmp_path, capsys):
+    import shutil
+
+    _, result = trained
+    run = tmp_path / "copy" / result.run_dir.name
+    shutil.copytree(result.run_dir, run)  # the shared run stays intact
+    last, previous = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "previous.ckpt"
+    shutil.copyfile(last, previous)  # a complete earlier checkpoint, as save_checkpoint_atomically keeps
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    target = evaluate.open_target(str(run))
+    out = capsys.readouterr().out
+    assert out.count("falling back to checkpoints/previous.ckpt") == 1 and f"cannot read {last}" in out
+    assert target.checkpoint == previous and target.info.path == previous
+    metrics = evaluate.eval_collapse(target, CPU, batches=1)["metrics"]  # reads it with weights_only=True
+    assert metrics["kl_teacher_student"] >= 0 and metrics["rankme"] >= 1
+    with pytest.raises(config_lib.ConfigError, match="cannot read checkpoint"):
+        evaluate.open_target(str(last))  # a checkpoint file named explicitly is not replaced
+
+
+def test_eval_refuses_a_run_whose_result_json_is_corrupt(trained, tmp_path):
+    import shutil
+
+    _, result = trained
+    run = tmp_path / result.run_dir.name
+    shutil.copytree(result.run_dir, run)
+    (run / "result.json").write_text('{"status": "completed", "metrics": {"kn')
+    with pytest.raises(config_lib.ConfigError, match=r"result\.json is corrupt \(not JSON: .*move it away"):
+        evaluate.open_target(str(run))
+    assert (run / "result.json").read_text().endswith('"kn')

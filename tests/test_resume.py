@@ -115,6 +115,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_weights(tree, monkeypatch, c
     record = tracking.read_result(run_dir)
     (entry,) = record["resumes"]
     assert entry["from_step"] == step and entry["checkpoint"] == "last" and entry["slurm_job_id"] is None
+    assert entry["reason"] == "preempted" and entry["previous_owner"]["pid"] == os.getpid()
     assert entry["metrics_set_aside"] is None  # a preemption stop leaves no step to redo
     assert record["status"] == "completed" and record["timing"]["train_steps"] == STEPS
     assert record["collapse"] == reference["record"]["collapse"]  # the monitor's streaks came back too
@@ -166,8 +167,45 @@ def test_crash_resumes_from_the_last_checkpoint_and_sets_redone_lines_aside(tree
     train.run(cfg)
     (entry,) = tracking.read_result(run_dir)["resumes"]
     assert entry["from_step"] == 4 and entry["metrics_set_aside"] == "attempts/1/metrics.after_step_4.jsonl"
+    assert entry["reason"] == "failed"
     moved = [json.loads(line) for line in (run_dir / entry["metrics_set_aside"]).read_text().splitlines()]
     assert sorted(line["step"] for line in moved) == [4, 4]  # step 4's loss and diagnostics, redone since
+    assert logged_steps(run_dir) == list(range(STEPS))
+    assert_same_training_state(final_checkpoint(run_dir), reference["ckpt"])
+
+
+def test_killed_run_shows_lost_and_resumes_with_reason_lost(tree, monkeypatch, reference):
+    """SIGKILL after step 5 leaves result.json saying running; once its process is gone it is lost, then resumed."""
+    from types import SimpleNamespace
+
+    from ssl_bench.launch.status import run_state
+
+    cfg = make_cfg(tree, eval={"knn": False})
+    original = dino.DINO.training_step
+
+    def killed_at_step_5(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError("killed")
+        return original(self, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dino.DINO, "training_step", killed_at_step_5)
+        patch.setattr(train, "_finish", lambda *args: None)  # SIGKILL: no final record
+        with pytest.raises(RuntimeError, match="killed"):
+            train.run(cfg)
+    run_dir = config_lib.run_dir(cfg)
+    spec = SimpleNamespace(run_dir=run_dir, run_id=config_lib.run_id(cfg), axes={}, seed=0)
+    assert run_state(spec, None, {}).label == "running"  # its owner (this process) is alive
+    child = subprocess.Popen(["sleep", "0"])
+    child.wait()
+    record = tracking.read_result(run_dir)
+    assert record["status"] == "running"
+    tracking.RunDir(run_dir).write_result({**record, "owner": {**record["owner"], "pid": child.pid}})
+    assert run_state(spec, None, {}).label == f"lost (process {child.pid} on {record['owner']['host']} is gone)"
+    train.run(cfg)
+    (entry,) = tracking.read_result(run_dir)["resumes"]
+    assert entry["reason"] == "lost" and entry["from_step"] == 4 and entry["previous_owner"]["pid"] == child.pid
+    assert run_state(spec, None, {}).label == "completed (resumed 1x (1 lost))"
     assert logged_steps(run_dir) == list(range(STEPS))
     assert_same_training_state(final_checkpoint(run_dir), reference["ckpt"])
 
@@ -214,6 +252,25 @@ def test_no_loadable_checkpoint_starts_over_and_says_so(tree, monkeypatch, capsy
     assert (run_dir / "attempts" / "1" / "checkpoints" / "last.ckpt").read_bytes().endswith(b"not a checkpoint")
     assert logged_steps(run_dir) == list(range(STEPS))
     assert_same_training_state(final_checkpoint(run_dir), reference["ckpt"])
+
+
+def test_corrupt_result_json_is_an_error_and_nothing_is_touched(tree, monkeypatch, capsys):
+    """A preempted run whose result.json was torn: no resume without its record, no silent start over."""
+    cfg = make_cfg(tree)
+    interrupt(monkeypatch, cfg, 6)
+    run_dir = config_lib.run_dir(cfg)
+    torn = '{"run_id": "x", "status": "preem'
+    (run_dir / "result.json").write_text(torn)
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    with pytest.raises(tracking.CorruptRecordError, match=rf"{run_dir / 'result.json'} is corrupt \(not JSON"):
+        train.run(cfg)
+    assert (run_dir / "result.json").read_text() == torn and not (run_dir / "attempts").exists()
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+    # --force is the way out: the attempt, its torn record and checkpoints included, goes to attempts/1.
+    train.run(cfg, force=True)
+    assert (run_dir / "attempts" / "1" / "result.json").read_text() == torn
+    assert {p.name: p.read_bytes() for p in (run_dir / "attempts" / "1" / "checkpoints").iterdir()} == before
+    assert tracking.read_result(run_dir)["status"] == "completed"
 
 
 def test_force_starts_over_and_archives_the_checkpoints(tree, monkeypatch, reference):

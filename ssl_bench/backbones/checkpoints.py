@@ -18,7 +18,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -30,6 +30,8 @@ from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHEC
 
 RUN_CONFIG = RUN_CONFIG_FILE
 RUN_CHECKPOINT = Path(RUN_CHECKPOINT_DIR) / RUN_LAST_CHECKPOINT
+# The last.ckpt before the latest save (tracking.PREVIOUS_CHECKPOINT; backbones/ may not import tracking).
+RUN_PREVIOUS_CHECKPOINT = Path(RUN_CHECKPOINT_DIR) / "previous.ckpt"
 
 FORMATS = {
     "ssl-bench": "an ssl-bench run directory or its checkpoints/last.ckpt (Lightning state_dict)",
@@ -75,7 +77,7 @@ class CheckpointInfo:
 
 def load_backbone(path: str | Path, backbone: BackboneConfig | None = None, key: str = "teacher",
                   strict: bool = True, num_heads: int | None = None,
-                  weights_only: bool = True) -> tuple[Backbone, CheckpointInfo]:
+                  weights_only: bool = True, log: Callable[[str], None] = print) -> tuple[Backbone, CheckpointInfo]:
     """Build the timm backbone a checkpoint describes and load its weights (eval mode).
 
     Args:
@@ -86,10 +88,11 @@ def load_backbone(path: str | Path, backbone: BackboneConfig | None = None, key:
         strict: fail when a backbone weight is missing, unexpected or of another shape.
         num_heads: attention heads for inferred ViT configs (default embed_dim // 64, true for DINO/DINOv2).
         weights_only: refuse pickled objects beyond tensors and containers (argparse args are allowed).
+        log: gets the one line saying a run directory's unreadable last.ckpt was passed over for previous.ckpt.
     """
     path = Path(path)
     ckpt_path, config_path = _locate(path)
-    raw = _read(ckpt_path, weights_only)
+    raw, ckpt_path = _read_run_checkpoint(path, ckpt_path, weights_only, log)
     fmt, state, ignored, key_used = extract_backbone_state(raw, key, ckpt_path)
     if fmt == "ssl-bench":
         backbone = backbone or _run_config(config_path)
@@ -108,10 +111,30 @@ def load_backbone(path: str | Path, backbone: BackboneConfig | None = None, key:
     return model, info
 
 
+def _read_run_checkpoint(path: Path, ckpt_path: Path, weights_only: bool, log: Callable[[str], None]
+                         ) -> tuple[Any, Path]:
+    """(contents, file read): a run directory whose last.ckpt is unreadable falls back to previous.ckpt.
+
+    A checkpoint file named by the user is read as given, never replaced by another.
+    """
+    previous = path / RUN_PREVIOUS_CHECKPOINT
+    if not path.is_dir() or ckpt_path == previous or not previous.is_file():
+        return _read(ckpt_path, weights_only), ckpt_path
+    try:
+        return _read(ckpt_path, weights_only), ckpt_path
+    except CheckpointError as exc:
+        if weights_only and "holds pickled objects" in str(exc):
+            raise  # readable, but refused: previous.ckpt would be refused alike
+        cause = exc.__cause__ or exc
+        reason = type(cause).__name__ + (f": {str(cause).splitlines()[0][:200]}" if str(cause).strip() else "")
+        log(f"[ssl-bench] cannot read {ckpt_path} ({reason}); falling back to {RUN_PREVIOUS_CHECKPOINT}")
+        return _read(previous, weights_only), previous
+
+
 def _locate(path: Path) -> tuple[Path, Path | None]:
     """The checkpoint file and, for ssl-bench runs, the run's config.yaml."""
     if path.is_dir():
-        if not (path / RUN_CHECKPOINT).is_file():
+        if not (path / RUN_CHECKPOINT).is_file() and not (path / RUN_PREVIOUS_CHECKPOINT).is_file():
             raise CheckpointError(f"{path} is a directory without {RUN_CHECKPOINT}; expected an ssl-bench run "
                                   f"directory. Supported: {_supported()}")
         return path / RUN_CHECKPOINT, path / RUN_CONFIG

@@ -20,6 +20,7 @@ from ssl_bench.data.fashion_mnist import (
     DataNotFoundError,
     build_fashion_mnist,
     check_fashion_mnist,
+    check_root_exists,
 )
 from ssl_bench.registry import Registry
 
@@ -191,9 +192,13 @@ def check_dataset(cfg: DataConfig) -> None:
     """Raise DataNotFoundError (or the registry's unknown-name error) before a job starts.
 
     Checks that files exist without reading them; with ``data.download=true`` a missing
-    dataset is downloaded here, once, instead of in every job.
+    dataset is downloaded here, once, instead of in every job. A ``data.root`` that is set
+    but missing is an error for every file-backed dataset, never a silent fallback.
     """
-    DATASETS.get(cfg.name).check(cfg)
+    spec = DATASETS.get(cfg.name)
+    if spec.check is not _no_check:
+        check_root_exists(cfg, cfg.name)
+    spec.check(cfg)
 
 
 def seeded_subset(dataset: Dataset, n: Optional[int], seed: int) -> Dataset:

@@ -84,11 +84,27 @@ def candidate_dirs(cfg: DataConfig) -> list[Path]:
     return dirs
 
 
+def check_root_exists(cfg: DataConfig, dataset: str) -> None:
+    """DataNotFoundError if ``data.root`` is set but missing (unless ``data.download`` is to create it).
+
+    A misspelt root must not fall through to another copy of the data (Debian's, the download cache).
+    """
+    if not cfg.root or cfg.download:
+        return
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataNotFoundError(f"data.root={cfg.root!r} {state} ({dataset}); set data.root to the folder holding "
+                                f"the dataset, data.root=null to search the default places, or "
+                                f"data.download=true to fetch it into data.root")
+
+
 def find_split(cfg: DataConfig, split: str, allow_download: bool = True) -> tuple[Path, Path]:
     """Locate the IDX files of ``split``, downloading them if the config allows.
 
     Raises one DataNotFoundError naming all three ways to provide the files.
     """
+    check_root_exists(cfg, "fashion_mnist")
     for folder in candidate_dirs(cfg):
         found = split_files(folder, split)
         if found:

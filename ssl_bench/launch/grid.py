@@ -52,27 +52,69 @@ class Study:
 def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     """Read, expand and type-check a study; ``overrides`` apply to every run."""
     path = Path(path)
-    data = config_lib.read_yaml(path)
-    unknown = sorted(set(data) - set(STUDY_KEYS))
+    data = _read_study_file(path)
+    name = config_lib.check_study_name(data.get("study") or path.stem,
+                                       f"key 'study' in {str(path)!r}" if data.get("study") else
+                                       f"the file name of {str(path)!r}; set 'study:' to choose another")
+    base_tree = config_lib.load_config_tree(config_lib.check_base(data["base"], path, "study file")) \
+        if data.get("base") is not None else {}
+    shared = config_lib.deep_merge(base_tree, _mapping(data, "config", path))
+    shared = config_lib.deep_merge(shared, _study_overrides(overrides, path))
+    axes = _read_axes(data.get("grid") or {}, path)
+    seeds = _read_seeds(data.get("seeds"), path)
+    runs = _make_specs(shared, name, axes, seeds, path)
+    _check_unique(runs, path)
+    for spec in runs:
+        spec.run_dir  # noqa: B018 -- raises ConfigError unless inside tracking.runs_root
+    return Study(name, path, axes, seeds, runs)
+
+
+def _read_study_file(path: Path) -> dict[str, Any]:
+    data = config_lib.read_yaml(path, kind="study file")
+    if not data:
+        raise config_lib.ConfigError(f"study file {str(path)!r} is empty; a study needs at least 'base:' or "
+                                     f"'config:' (valid study keys: {', '.join(STUDY_KEYS)})")
+    unknown = sorted(map(str, set(data) - set(STUDY_KEYS)))
     if unknown:
         raise config_lib.ConfigError(f"study file {str(path)!r}: unknown key(s) {unknown}; "
                                      f"valid study keys: {', '.join(STUDY_KEYS)}")
-    name = str(data.get("study") or path.stem)
-    base_tree = config_lib.load_config_tree(path.parent / data["base"]) if data.get("base") else {}
-    shared = config_lib.deep_merge(base_tree, data.get("config") or {})
-    shared = config_lib.deep_merge(shared, config_lib.parse_overrides(list(overrides)))
-    axes = _read_axes(data.get("grid") or {}, path)
-    seeds = _read_seeds(data.get("seeds"), path)
-    runs = [make_spec(shared, name, combo, seed, str(path)) for combo in _product(axes) for seed in seeds]
-    _check_unique(runs, path)
-    return Study(name, path, axes, seeds, runs)
+    return data
+
+
+def _mapping(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise config_lib.ConfigError(f"study file {str(path)!r}: {key!r} must be a mapping of config keys "
+                                     f"(e.g. {key}: {{optim: {{epochs: 2}}}}), got {value!r}")
+    config_lib.check_keys(value, source=f"{path} '{key}'")
+    if "study" in value:
+        raise config_lib.ConfigError(f"study file {str(path)!r}: 'config' may not set 'study'; the study name "
+                                     f"comes from the study file's top-level 'study:' key (or its file name)")
+    return value
+
+
+def _study_overrides(overrides: list[str], path: Path) -> dict[str, Any]:
+    tree = config_lib.parse_overrides(list(overrides))
+    if "study" in tree:
+        raise config_lib.ConfigError(f"override 'study={tree['study']}' is not allowed here: the study name comes "
+                                     f"from the study file {str(path)!r} (its 'study:' key, or its file name)")
+    return tree
 
 
 def _read_axes(grid: Any, path: Path) -> dict[str, list[Any]]:
     if not isinstance(grid, dict):
-        raise config_lib.ConfigError(f"study file {str(path)!r}: 'grid' must map dotted keys to lists of values")
+        raise config_lib.ConfigError(f"study file {str(path)!r}: 'grid' must map dotted keys to lists of values, "
+                                     f"got {grid!r}")
     axes = {}
     for key, values in grid.items():
+        if not isinstance(key, str) or not key:
+            raise config_lib.ConfigError(f"study file {str(path)!r}: grid axis {key!r} must be a dotted config key "
+                                         f"such as method.name")
+        if key == "study":
+            raise config_lib.ConfigError(f"study file {str(path)!r}: 'study' cannot be a grid axis; the study name "
+                                         f"comes from the study file")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise config_lib.ConfigError(f"study file {str(path)!r}: grid axis {key!r} has no values")
@@ -95,6 +137,29 @@ def _read_seeds(seeds: Any, path: Path) -> list[int]:
 def _product(axes: dict[str, list[Any]]) -> list[tuple[tuple[str, Any], ...]]:
     keys = list(axes)
     return [tuple(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def _make_specs(shared: dict[str, Any], study: str, axes: dict[str, list[Any]], seeds: list[int],
+                path: Path) -> list[RunSpec]:
+    """Every run of the grid; the problems of all runs are reported at once, each problem once with the
+    runs that have it (a bad value in ``config:`` is one line, not one per run)."""
+    runs: list[RunSpec] = []
+    problems: dict[str, list[str]] = {}
+    for combo in _product(axes):
+        for seed in seeds:
+            try:
+                runs.append(make_spec(shared, study, combo, seed, str(path)))
+            except config_lib.ConfigError as exc:
+                label = ", ".join([*(f"{k}={v}" for k, v in combo), f"seed={seed}"])
+                for line in str(exc).splitlines():
+                    problems.setdefault(line, []).append(label)
+    if problems:
+        total = len(list(_product(axes))) * len(seeds)
+        raise config_lib.ConfigError("\n".join(
+            line + ("" if len(labels) == total else f" (run {labels[0]}" + (f" and {len(labels) - 1} more)"
+                                                                              if len(labels) > 1 else ")"))
+            for line, labels in problems.items()))
+    return runs
 
 
 def make_spec(shared: dict[str, Any], study: str, combo: tuple[tuple[str, Any], ...], seed: int,

@@ -174,8 +174,11 @@ def train_size(cfg: config_lib.Config) -> int:
 
 
 def select_runs(study: Study, force: bool = False) -> tuple[list[RunSpec], dict[str, str]]:
-    """Runs to submit: not completed (unless ``force``) and not already pending/running in SLURM."""
-    from ssl_bench.launch.status import ACTIVE, COLLAPSED, COMPLETED, study_status
+    """Runs to submit: not completed (unless ``force``) and not already pending/running in SLURM.
+
+    A failed or lost run (record said running, owner gone) is submitted again; its job resumes it.
+    """
+    from ssl_bench.launch.status import ACTIVE, COLLAPSED, COMPLETED, CORRUPT, study_status
 
     states = {s.run_id: s for s in study_status(study)}
     chosen, skipped = [], {}
@@ -185,6 +188,8 @@ def select_runs(study: Study, force: bool = False) -> tuple[list[RunSpec], dict[
             skipped[spec.run_id] = f"already {row.state} as job {row.job_id}"
         elif row.state in (COMPLETED, COLLAPSED) and not force:
             skipped[spec.run_id] = "completed"
+        elif row.state == CORRUPT and not force:  # the job would stop on it: say so before submitting
+            skipped[spec.run_id] = f"{row.label}; repair or move it away, or use --force"
         else:
             chosen.append(spec)
     return chosen, skipped

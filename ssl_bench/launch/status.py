@@ -3,7 +3,9 @@
 The run directory says what the training did (result.json status, resumes, collapse flag,
 metrics.jsonl); ``squeue``/``sacct`` say what SLURM did with the latest job of the run (pending,
 running, cancelled, killed, out of memory...). A job that ended without a completed record is a
-failure even if the process never wrote one (SIGKILL, node failure).
+failure even if the process never wrote one (SIGKILL, node failure). A record that still says running
+while its owner is gone is ``lost``: its SLURM job ended, its process on this host died (or the pid is
+another process now), or its heartbeat on another host is older than ``tracking.LOST_AFTER_S``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from ssl_bench import tracking
 from ssl_bench.launch.grid import Study
 from ssl_bench.launch.slurm import latest_jobs
 
-PENDING, RUNNING, COMPLETED, FAILED, COLLAPSED, NOT_SUBMITTED = (
-    "pending", "running", "completed", "failed", "collapsed", "not submitted")
-ACTIVE = (PENDING, RUNNING)
+PENDING, RUNNING, COMPLETED, FAILED, COLLAPSED, NOT_SUBMITTED, CORRUPT, LOST = (
+    "pending", "running", "completed", "failed", "collapsed", "not submitted", "corrupt", "lost")
+ACTIVE = (PENDING, RUNNING)  # never LOST: a lost run is resubmitted or rerun like a failed one
 SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
 SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING"}
@@ -37,15 +39,30 @@ class RunState:
     slurm_state: Optional[str] = None
     nodes: Optional[str] = None
     restarts: int = 0
+    resume_reasons: list[str] = field(default_factory=list)  # "preempted" | "lost" | "failed", one per resume
     last_step: Optional[int] = None
     last_metric: Optional[str] = None
+    torn_lines: int = 0  # metrics.jsonl lines that did not parse (skipped)
     notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        extra = [f"resumed {self.restarts}x after preemption" if self.restarts else "", *self.notes]
-        extra = [e for e in extra if e]
+        extra = [e for e in (resumes_label(self.restarts, self.resume_reasons), *self.notes) if e]
         return self.state + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def resumes_label(restarts: int, reasons: list[str]) -> str:
+    """``resumed 2x (1 preempted, 1 lost)``; ``resumed 2x after preemption`` when every resume was one."""
+    if not restarts:
+        return ""
+    reasons = [r or "reason not recorded" for r in reasons] + ["reason not recorded"] * (restarts - len(reasons))
+    if set(reasons) == {"preempted"}:
+        return f"resumed {restarts}x after preemption"
+    counts = {r: reasons.count(r) for r in sorted(set(reasons), key=lambda r: (_REASON_ORDER.get(r, 9), r))}
+    return f"resumed {restarts}x ({', '.join(f'{n} {r}' for r, n in counts.items())})"
+
+
+_REASON_ORDER = {"preempted": 0, "lost": 1, "failed": 2}
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -84,10 +101,19 @@ def study_status(study: Study) -> list[RunState]:
 
 def run_state(spec: Any, job: Optional[dict[str, Any]], live: dict[str, dict[str, str]]) -> RunState:
     directory = Path(spec.run_dir)
-    result = tracking.read_result(directory) or {}
-    row = RunState(spec.run_id, dict(spec.axes), spec.seed, NOT_SUBMITTED,
-                   restarts=len(result.get("resumes") or []))
-    row.last_step, row.last_metric = last_progress(directory)
+    try:
+        result, corrupt = tracking.read_result(directory) or {}, None
+    except tracking.CorruptRecordError as exc:  # habit 13: corrupt, never "missing" or "not submitted"
+        result, corrupt = {}, f"{tracking.RESULT_FILE}: {exc.reason}"
+    resumes = [r for r in result.get("resumes") or [] if isinstance(r, dict)]
+    row = RunState(spec.run_id, dict(spec.axes), spec.seed, NOT_SUBMITTED, restarts=len(resumes),
+                   resume_reasons=[str(r.get("reason") or "") for r in resumes])
+    progress = progress_of(directory)
+    row.last_step, row.last_metric, row.torn_lines = progress.step, progress.metric, progress.torn
+    if corrupt:
+        row.notes.append(corrupt)
+    if progress.torn:
+        row.notes.append(torn_note(progress.torn))
     starts = _slurm_starts(directory)
     if starts:
         row.nodes = starts[-1].get("nodelist")
@@ -96,6 +122,10 @@ def run_state(spec: Any, job: Optional[dict[str, Any]], live: dict[str, dict[str
         info = live.get(job["job_id"], {})
         row.slurm_state = info.get("state")
         row.nodes = info.get("nodes") or row.nodes
+    if corrupt:
+        # An active SLURM job still says so (it may rewrite the record); otherwise the record decides.
+        row.state = _from_slurm(row, tracking.STATUS_RUNNING, job) if row.slurm_state in SLURM_ACTIVE else CORRUPT
+        return row
     status = result.get("status")
     if status == tracking.STATUS_FAILED and result.get("error"):  # e.g. "non-finite loss at step 12"
         row.notes.append(str(result["error"]).splitlines()[0][:160])
@@ -104,6 +134,11 @@ def run_state(spec: Any, job: Optional[dict[str, Any]], live: dict[str, dict[str
         row.state = COLLAPSED if collapsed else COMPLETED
         return row
     row.state = _from_slurm(row, status, job)
+    if row.state == RUNNING and row.slurm_state not in SLURM_ACTIVE:  # no live job vouches for it: its owner
+        lost, note = tracking.check_owner(result.get(tracking.OWNER_KEY))
+        row.state = LOST if lost else RUNNING
+        if note:
+            row.notes.append(note)
     return row
 
 
@@ -119,6 +154,9 @@ def _from_slurm(row: RunState, status: Optional[str], job: Optional[dict[str, An
         return PENDING
     if slurm in SLURM_ACTIVE:
         return RUNNING
+    if status == tracking.STATUS_RUNNING:  # the job ended without a final record: killed, node failure...
+        row.notes.append(f"SLURM {slurm}, run record says running")
+        return LOST
     if slurm == "COMPLETED" and status is None:
         row.notes.append("job ended before the run started")
     elif slurm != "COMPLETED" or status != tracking.STATUS_FAILED:
@@ -133,24 +171,43 @@ def _slurm_starts(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def last_progress(directory: Path) -> tuple[Optional[int], Optional[str]]:
-    """Last logged step and a short ``name=value`` of its loss (or last k-NN) from metrics.jsonl."""
-    path = Path(directory) / tracking.METRICS_FILE
-    if not path.exists():
-        return None, None
-    step, metric = None, None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-        if record.get("step") is not None:
-            step = max(step or 0, int(record["step"]))
+@dataclass
+class Progress:
+    step: Optional[int] = None  # last logged step
+    metric: Optional[str] = None  # ``name=value`` of its loss (or last k-NN)
+    torn: int = 0  # metrics.jsonl lines skipped because they do not parse
+
+
+def progress_of(directory: Path) -> Progress:
+    """Last logged step, a short ``name=value`` of its loss (or last k-NN) and the torn lines of metrics.jsonl."""
+    lines = tracking.read_metrics_counted(directory)
+    out = Progress(torn=lines.torn)
+    for record in lines.records:
+        if isinstance(record.get("step"), (int, float)):
+            out.step = max(out.step or 0, int(record["step"]))
         for key in ("knn/top1", "train/loss"):
             if isinstance(record.get(key), (int, float)):
-                metric = f"{key}={record[key]:.4g}"
+                out.metric = f"{key}={record[key]:.4g}"
                 break
-    return step, metric
+    return out
+
+
+def last_progress(directory: Path) -> tuple[Optional[int], Optional[str]]:
+    """Last logged step and a short ``name=value`` of its loss (or last k-NN) from metrics.jsonl."""
+    progress = progress_of(directory)
+    return progress.step, progress.metric
+
+
+def torn_note(count: int) -> str:
+    return f"{tracking.METRICS_FILE}: {count} torn line(s) skipped"
+
+
+def torn_summary(states: list[RunState]) -> Optional[str]:
+    """Footer line ``metrics.jsonl: 2 torn line(s) skipped in 1 run`` (None when every line parsed)."""
+    torn = [s.torn_lines for s in states if s.torn_lines]
+    if not torn:
+        return None
+    return f"{torn_note(sum(torn))} in {len(torn)} run{'s' if len(torn) > 1 else ''}"
 
 
 def rows_for_table(states: list[RunState]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import pandas as pd
 
 COMPLETED = "completed"
 # Run states a cell names when they keep runs out of its statistics (result.json status, or no record).
-NOT_COUNTED = ("failed", "running", "preempted", "missing")
+NOT_COUNTED = ("failed", "running", "preempted", "corrupt", "missing")
 
 # Display titles of the metrics tables usually show; any other result.json metric is shown under its own name.
 METRIC_TITLES = {
@@ -123,7 +123,8 @@ def check_columns(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str])
 
 
 _RECORD_COLUMNS = ("study", "run_id", "seed", "method", "status", "error", "protocol", "source", "git_sha", "git_dirty",
-                   "hardware", "world_size", "torch_version", "started_at", "slurm_job_id", "duplicates")
+                   "hardware", "world_size", "torch_version", "started_at", "slurm_job_id", "duplicates",
+                   "env_error", "metrics_torn_lines")
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:

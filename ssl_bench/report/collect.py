@@ -8,15 +8,31 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from ssl_bench.config import CorruptRecordError, read_json_record, read_jsonl_counted
+
 MISSING = "missing"
+CORRUPT = "corrupt"  # a record that exists but cannot be read (habit 13: never reported as missing)
 COLLAPSE_FIELDS = ("collapsed", "collapse_step", "collapse_reason", "stopped_early")
+METRICS_FILE = "metrics.jsonl"  # the run directory's per-step log (see ssl_bench.tracking)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON record, None when absent; a corrupt file reads as the marker record
+    ``{"status": "corrupt (<file>: <reason>)", "corrupt": <reason>}`` so every status shown says so."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        return read_json_record(path)
+    except CorruptRecordError as exc:
+        return {"status": f"{CORRUPT} ({Path(path).name}: {exc.reason})", "corrupt": exc.reason}
+
+
+def count_torn_lines(path: Path) -> int:
+    """Lines of a JSONL file that do not parse as a JSON object (0 for an absent file)."""
+    return read_jsonl_counted(Path(path))[1]
+
+
+def torn_text(lines: int, runs: int) -> str:
+    """The footer line for skipped metric lines: ``metrics.jsonl: 2 torn line(s) skipped in 1 run``."""
+    return f"{METRICS_FILE}: {lines} torn line(s) skipped in {runs} run{'s' if runs != 1 else ''}"
 
 
 def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -24,15 +40,30 @@ def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
     Args:
         expected: dicts with ``run_id``, ``run_dir``, ``seed`` and ``axes`` (a dict of
-            axis -> value), e.g. from a study's RunSpecs. Runs without a readable
-            result.json get status ``missing``; none is dropped.
+            axis -> value), e.g. from a study's RunSpecs. Runs without a result.json get status
+            ``missing``; an unreadable one gives status ``corrupt`` with the reason in ``error``;
+            none is dropped. An unreadable env.json puts its reason in ``env_error``.
     """
     rows = []
     for run in expected:
         directory = Path(run["run_dir"])
-        rows.append(run_row(run, read_json(directory / "result.json"), read_json(directory / "env.json"),
-                            read_yaml_quiet(directory / "config.yaml"), source=str(directory)))
+        result, result_error = _record(directory / "result.json")
+        env, env_error = _record(directory / "env.json")
+        row = run_row(run, result, env, read_yaml_quiet(directory / "config.yaml"), source=str(directory))
+        if result_error:
+            row["status"], row["error"] = CORRUPT, result_error
+        row["env_error"] = env_error
+        row["metrics_torn_lines"] = count_torn_lines(directory / METRICS_FILE)
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None), (None, None) when absent, or (None, ``<file> corrupt: <reason>``)."""
+    try:
+        return read_json_record(path), None
+    except CorruptRecordError as exc:
+        return None, f"{path.name} corrupt: {exc.reason}"
 
 
 def run_row(run: dict[str, Any], result: dict[str, Any] | None, env: dict[str, Any] | None,

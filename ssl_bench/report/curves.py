@@ -2,44 +2,57 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
+
+from ssl_bench.config import read_jsonl_counted
 
 METRICS_FILE = "metrics.jsonl"  # the run directory's per-step log (see ssl_bench.tracking)
 DEFAULT_CURVES = ("collapse/teacher_entropy", "collapse/kl_teacher_student")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Lines of a JSONL file; a missing file or a torn last line (a run still writing) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """Lines of a JSONL file; a missing file or a torn line (a run still writing) is skipped."""
+    return read_jsonl_counted(path)[0]
+
+
+TORN_LINES = "torn_lines"  # DataFrame.attrs key of collect_curves: run id -> metrics.jsonl lines skipped
 
 
 def collect_curves(expected: Iterable[dict[str, Any]], metrics: Sequence[str]) -> pd.DataFrame:
     """Long table: one row per (run, logged step) holding any of ``metrics``.
 
+    ``attrs["torn_lines"]`` maps each run id with unparseable metrics.jsonl lines to their count.
+
     Args:
         expected: dicts with ``run_id``, ``run_dir``, ``seed`` and ``axes``, as for ``collect``.
         metrics: metric names as written in metrics.jsonl.
     """
-    rows = []
+    rows, torn_lines = [], {}
     for run in expected:
-        for record in read_jsonl(Path(run["run_dir"]) / METRICS_FILE):
+        records, torn = read_jsonl_counted(Path(run["run_dir"]) / METRICS_FILE)
+        if torn:
+            torn_lines[run["run_id"]] = torn
+        for record in records:
             values = {m: record[m] for m in metrics if record.get(m) is not None}
             if values and record.get("step") is not None:
                 rows.append({"run_id": run["run_id"], "seed": run["seed"], **run["axes"],
                              "step": int(record["step"]), **values})
-    return pd.DataFrame(rows)
+    curves = pd.DataFrame(rows)
+    curves.attrs[TORN_LINES] = torn_lines
+    return curves
+
+
+def torn_lines_note(curves: pd.DataFrame) -> str | None:
+    """``metrics.jsonl: 2 torn line(s) skipped in 1 run`` from ``collect_curves``' attrs (None if none)."""
+    torn = curves.attrs.get(TORN_LINES) or {}
+    if not torn:
+        return None
+    from ssl_bench.report.collect import torn_text
+
+    return torn_text(sum(torn.values()), len(torn))
 
 
 ONLINE_KNN = "knn/top1"  # the online k-NN key in metrics.jsonl (tracking.ONLINE_KNN_PREFIX + "top1")
@@ -98,6 +111,9 @@ def markdown_curves(curves: pd.DataFrame, axes: Sequence[str], metrics: Sequence
             f"mean over {seeds.min()} seed(s)"
         table = curve_table(curves, axes, metric, every)
         parts.append(f"### {metric} ({note})\n\n" + table.to_markdown())
+    torn = torn_lines_note(curves)
+    if torn:
+        parts.append(f"- {torn}")
     return "\n\n".join(parts) + "\n"
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ssl_bench.report.aggregate import (COMPLETED, NOT_COUNTED, Cell, aggregate, best_rows, check_columns,
                                         metric_title)
+from ssl_bench.report.collect import torn_text
 from ssl_bench.report.references import Reference, check_reference
 
 DEFAULT_METRICS = ("knn_top1", "knn_top1_init", "linear_top1")
@@ -122,10 +123,11 @@ def provenance(df: pd.DataFrame, study: str, spec: TableSpec | None = None) -> l
         spread = "95% confidence half-width (Student t)" if spec.ci else "sample std (ddof=1)"
         lines.append(f"cells: mean ± {spread} over the completed runs (seeds) of a row; n is given when some "
                      f"runs have no value; bold = best mean where higher/lower is better")
-    shas = sorted({f"{s[:10]}{' (dirty)' if d is True else ''}" if isinstance(s, str) else "unknown (not a git checkout)"
-                   for s, d in zip(done["git_sha"], done["git_dirty"])})
-    lines.append(f"code: git {', '.join(shas) if shas else 'unknown'}")
+    lines.append(f"code: git {', '.join(code_versions(done)) or 'unknown'}")
     lines += setup_lines(done)
+    torn = torn_lines_text(df)
+    if torn:
+        lines.append(torn)
     protocols: list[str] = []
     for p in sorted({p for p in done["protocol"].dropna()}):
         protocols += protocol_lines(json.loads(p) or {})
@@ -136,6 +138,31 @@ def provenance(df: pd.DataFrame, study: str, spec: TableSpec | None = None) -> l
     if spec is not None and spec.command:
         lines.append(f"command: `{spec.command}`")
     return list(dict.fromkeys(lines))  # runs of one study share protocols: say each once
+
+
+def code_versions(done: pd.DataFrame) -> list[str]:
+    """Distinct ``<sha> (dirty)`` of the runs; an unreadable env.json says so, never "not a git checkout"."""
+    errors = done["env_error"] if "env_error" in done else [None] * len(done)
+    labels = set()
+    for sha, dirty, error in zip(done["git_sha"], done["git_dirty"], errors):
+        if isinstance(error, str):
+            labels.add(error)
+        elif isinstance(sha, str):
+            labels.add(f"{sha[:10]}{' (dirty)' if dirty is True else ''}")
+        else:
+            labels.add("unknown (not a git checkout)")
+    return sorted(labels)
+
+
+def torn_lines_text(df: pd.DataFrame) -> str | None:
+    """``metrics.jsonl: 2 torn line(s) skipped in 1 run`` (None when every line parsed or nobody counted)."""
+    if "metrics_torn_lines" not in df:
+        return None
+    torn = pd.to_numeric(df["metrics_torn_lines"], errors="coerce").fillna(0)
+    runs = int((torn > 0).sum())
+    if not runs:
+        return None
+    return torn_text(int(torn.sum()), runs)
 
 
 def _values(done: pd.DataFrame, column: str) -> str:

@@ -191,8 +191,11 @@ def test_imagefolder(tmp_path):
     assert num_classes(cfg) == 3
     test = build_dataset(cfg, "test")
     assert len(test) == 3 and test[2][1] == 2 and test[0][0].size == (40, 30)
-    with pytest.raises(DataNotFoundError, match="nowhere/train"):
+    with pytest.raises(DataNotFoundError, match="data.root=.*nowhere' does not exist"):
         check_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match="empty/train"):
+        check_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "empty")))
 
 
 # ---- subsets and synthetic ----------------------------------------------------------------------
@@ -275,3 +278,33 @@ def test_eval_loaders():
     images, labels = next(iter(test))
     assert images.shape == (50, 3, 32, 32)
     assert labels.tolist() == synthetic.generate("test")[1][:50].tolist()  # unshuffled, full test split
+
+
+# ---- a data.root that is set must exist (issue 16) ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "imagefolder"])
+def test_missing_data_root_is_refused_not_a_fallback(tmp_path, monkeypatch, name):
+    """A misspelt data.root never falls through to Debian's copy or the download cache."""
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_FASHION_DIR", tmp_path / "debian")
+    tiny_fashion(tmp_path / "debian", gz=False, n=3)  # a copy the fallback would find
+    missing = tmp_path / "tpyo"
+    with pytest.raises(DataNotFoundError) as info:
+        check_dataset(DataConfig(name=name, root=str(missing)))
+    msg = str(info.value)
+    assert f"data.root={str(missing)!r} does not exist ({name})" in msg and "data.root=null" in msg
+    assert not missing.exists()
+    if name == "fashion_mnist":
+        with pytest.raises(DataNotFoundError, match="does not exist"):
+            build_dataset(DataConfig(root=str(missing)), "test")
+        assert len(build_dataset(DataConfig(root=None), "test")) == 3  # null keeps the Debian fallback
+
+
+def test_data_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataNotFoundError, match="is a file, not a folder"):
+        check_dataset(DataConfig(root=str(tmp_path / "file")))
+
+
+def test_missing_root_ignored_by_synthetic(tmp_path):
+    check_dataset(DataConfig(name="synthetic", root=str(tmp_path / "nowhere")))

@@ -87,3 +87,64 @@ def test_failed_run_is_recorded_and_next_run_still_starts(tmp_path, tiny_tree, m
     assert list(summary.failed) == [study.runs[0].run_id] and summary.completed == [study.runs[1].run_id]
     record = json.loads((study.runs[0].run_dir / "result.json").read_text())
     assert record["status"] == "failed" and "injected failure" in record["error"]
+
+
+# ---- malformed study files (issue 16) ------------------------------------------------------------
+
+
+def write_text_study(tmp_path, tiny_tree, text, name="study.yaml"):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_tree))
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "is empty"),
+    ("# only a comment\n", "is empty"),
+    ("- base: base.yaml\n", "at the top level, got a list"),
+    ("base: base.yaml\nconfig: [1, 2]\n", "'config' must be a mapping of config keys"),
+    ("base: [a, b]\n", "'base' must be the path of one config file"),
+    ("base: nope.yaml\n", "'base' names 'nope.yaml'"),
+    ("base: base.yaml\ngrid: [1, 2]\n", "'grid' must map dotted keys to lists of values"),
+    ("base: base.yaml\ngrid:\n  seed: [1]\n  seed: [2]\n", "line 4: duplicate key 'seed'"),
+    ("base: base.yaml\nconfig: {study: x}\n", "'config' may not set 'study'"),
+    ("base: base.yaml\ngrid: {study: [a, b]}\n", "'study' cannot be a grid axis"),
+    ("study: ../up\nbase: base.yaml\n", "study name '../up'"),
+    ("study: 7\nbase: base.yaml\n", "study name 7"),
+])
+def test_malformed_study_is_a_config_error(tmp_path, tiny_tree, text, fragment):
+    path = write_text_study(tmp_path, tiny_tree, text)
+    with pytest.raises(config_lib.ConfigError) as info:
+        load_study(path)
+    assert fragment in str(info.value) and "study" in str(info.value)
+
+
+def test_study_name_from_unsafe_file_stem_is_refused(tmp_path, tiny_tree):
+    path = write_text_study(tmp_path, tiny_tree, "base: base.yaml\n", name="my study.yaml")
+    with pytest.raises(config_lib.ConfigError, match="study name 'my study' .*file name"):
+        load_study(path)
+    assert load_study(write_text_study(tmp_path, tiny_tree, "base: base.yaml\nstudy: ok\n",
+                                       name="my study.yaml")).name == "ok"
+
+
+def test_study_override_is_refused_other_overrides_apply(tmp_path, tiny_tree):
+    path = write_study(tmp_path, tiny_tree, {})
+    with pytest.raises(config_lib.ConfigError, match="study name comes from the study file"):
+        load_study(path, ["study=other"])
+    with pytest.raises(config_lib.ConfigError, match="study name comes from the study file"):
+        load_study(path, ["study=../../x"])
+    assert load_study(path, ["optim.epochs=3"]).runs[0].config.optim.epochs == 3
+
+
+def test_every_problem_of_every_run_is_reported_at_once(tmp_path):
+    """One message, one line per distinct problem, naming the run unless every run has it."""
+    (tmp_path / "base.yaml").write_text("data: {name: synthetic}\n")
+    study = tmp_path / "s.yaml"
+    study.write_text("base: base.yaml\ngrid:\n  optim.lr: [-1.0, 0.001, -0.001]\n  method.student_temp: [0.0]\n")
+    with pytest.raises(config_lib.ConfigError) as info:
+        load_study(study)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "method.student_temp=0.0: must be > 0"  # every run: said once, no run named
+    assert lines[1:] == ["optim.lr=-1.0: must be > 0 (run optim.lr=-1.0, method.student_temp=0.0, seed=0)",
+                         "optim.lr=-0.001: must be > 0 (run optim.lr=-0.001, method.student_temp=0.0, seed=0)"]

@@ -130,7 +130,7 @@ def test_requeued_run_resumes_to_the_weights_of_an_uninterrupted_run(slurm_clust
     assert not different, f"resumed weights differ from the uninterrupted run: {different[:5]}"
 
 
-def test_cancelled_run_is_failed_then_resubmitted(slurm_cluster, tmp_path, tiny_tree):
+def test_cancelled_run_is_lost_then_resubmitted(slurm_cluster, tmp_path, tiny_tree):
     study_file = write_study(tmp_path, tiny_tree, "cancel", {"method.name": ["dino"]},
                              optim={"epochs": 1000}, trainer={"max_steps": 100000})
     profile_args = ("--cluster", "slurm", "--profile", PROFILE)
@@ -140,9 +140,10 @@ def test_cancelled_run_is_failed_then_resubmitted(slurm_cluster, tmp_path, tiny_
     wait_for(lambda: steps_logged(spec.run_dir) >= 1, timeout=120, what="training to start")
     out = cli(slurm_cluster, "grid", "cancel", str(study_file), cwd=tmp_path)
     assert out.returncode == 0 and f"job {first}" in out.stdout
-    wait_for(lambda: study_status(load_study(study_file))[0].state == "failed", timeout=60, what="failed state")
+    # The record still says running but its job is gone: lost (issue 16), never running, and resubmitted.
+    wait_for(lambda: study_status(load_study(study_file))[0].state == "lost", timeout=60, what="lost state")
     (row,) = study_status(load_study(study_file))
-    assert row.slurm_state == "CANCELLED" and "SLURM CANCELLED" in row.label
+    assert row.slurm_state == "CANCELLED" and "SLURM CANCELLED, run record says running" in row.label
     again = cli(slurm_cluster, "grid", "launch", str(study_file), *profile_args, cwd=tmp_path)
     assert again.returncode == 0 and "submitted 1 run(s)" in again.stdout
     (second,) = job_ids(study_file).values()
@@ -170,7 +171,7 @@ def test_run_killed_on_a_node_is_reported_not_hung_on(slurm_cluster, tmp_path, t
     assert launch.returncode == 1, stdout[-2000:]
     assert "FAILED" in stdout
     (row,) = study_status(load_study(study_file))
-    assert row.state == "failed" and "run record says running" in row.label
+    assert row.state == "lost" and "run record says running" in row.label
 
 
 def _pids_of_job(raw_job_id: str) -> list[int]:

@@ -27,6 +27,14 @@ def test_seed_means_at_every_nth_and_last_step(tmp_path):
     assert table.loc[20, "dino"] == 4.0 and table.loc[25, "dino_no_centering"] == 0.0
     text = markdown_curves(curves, ["method"], ["collapse/teacher_entropy", "collapse/rankme"], every=20)
     assert "mean over 1–2 seeds" in text and "no run logged `collapse/rankme`" in text
+    assert curves.attrs["torn_lines"] == {"a1": 1}
+    assert text.rstrip().endswith("- metrics.jsonl: 1 torn line(s) skipped in 1 run")
+
+
+def test_curves_without_torn_lines_say_nothing_about_them(tmp_path):
+    curves = collect_curves([_run(tmp_path, "a0", "dino", 0, [(0, 1.0), (10, 2.0)])], ["collapse/teacher_entropy"])
+    assert curves.attrs["torn_lines"] == {}
+    assert "torn" not in markdown_curves(curves, ["method"], ["collapse/teacher_entropy"], every=10)
 
 
 def test_knn_curve_gets_init_and_final_points():

@@ -179,3 +179,42 @@ def test_protocol_lines_differing_only_by_seed_are_merged():
     assert merge_seeds(lines) == ["k-NN protocol: bank = train subset 5000 (seeds 0, 1, 2); "
                                   "test = test subset 1000 (seeds 0, 1, 2)"]
     assert merge_seeds(["a (seed 0)", "b"]) == ["a (seed 0)", "b"]
+
+
+def test_corrupt_records_are_reported_as_corrupt_with_the_reason(tmp_path):
+    runs = [make_run(tmp_path, "a0", "dino", 0, knn=80.0), make_run(tmp_path, "a1", "dino", 1, knn=82.0),
+            make_run(tmp_path, "a2", "dino", 2, knn=84.0)]
+    (tmp_path / "a2" / "result.json").write_text('{"status": "completed", "metrics": {"knn_to')  # torn
+    (tmp_path / "a1" / "env.json").write_text('{"git": {"sha": "abc')
+    df = collect(runs)
+    assert list(df["status"]) == ["completed", "completed", "corrupt"]  # kept, not dropped or "missing"
+    assert df.loc[2, "error"].startswith("result.json corrupt: not JSON: Unterminated string")
+    assert df.loc[1, "env_error"].startswith("env.json corrupt: not JSON:") and pd.isna(df.loc[0, "env_error"])
+    text = render(df, "s", TableSpec(["method"], ["knn_top1"]))
+    assert "81.00 ± 1.41 (n=2 of 3: 1 corrupt)" in text
+    assert "3 runs, 2 completed, 1 corrupt" in text
+    code = next(line for line in text.splitlines() if line.startswith("- code: git"))
+    assert "env.json corrupt: not JSON:" in code and "abcdef1234" in code and "not a git checkout" not in code
+    bad = text.split("Runs not in the statistics")[1]
+    assert "| a2 " in bad and "corrupt" in bad and "result.json corrupt: not JSON" in bad
+
+
+def test_torn_metric_lines_are_counted_in_the_footer(tmp_path):
+    runs = [make_run(tmp_path, "a0", "dino", 0, knn=80.0), make_run(tmp_path, "a1", "dino", 1, knn=82.0)]
+    (tmp_path / "a0" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n{"st')
+    (tmp_path / "a1" / "metrics.jsonl").write_text('{"step": 1}\n')
+    df = collect(runs)
+    assert list(df["metrics_torn_lines"]) == [2, 0]
+    text = render(df, "s", TableSpec(["method"], ["knn_top1"]))
+    assert "- metrics.jsonl: 2 torn line(s) skipped in 1 run" in text
+    assert "metrics_torn_lines" not in text.split("\n\n")[0]  # a bookkeeping column, never a metric
+    (tmp_path / "a0" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert "torn line" not in render(collect(runs), "s", TableSpec(["method"], ["knn_top1"]))
+
+
+def test_read_json_marks_a_corrupt_record_for_status_listings(tmp_path):
+    from ssl_bench.report.collect import read_json
+
+    assert read_json(tmp_path / "absent.json") is None
+    (tmp_path / "result.json").write_text("")
+    assert read_json(tmp_path / "result.json")["status"] == "corrupt (result.json: empty file)"
