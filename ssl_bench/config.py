@@ -571,7 +571,9 @@ def field_problems(section: Any, prefix: str = "") -> list[str]:
     return problems
 
 
-_VIT_TAGS = ("vit", "deit", "eva")  # as backbones.timm_backbone.is_vit_name; repeated here to stay torch-free
+def is_vit_name(name: str) -> bool:
+    """Whether a timm model name is a ViT (patch size, grid and depth apply; backbones/ builds it so)."""
+    return any(tag in name for tag in ("vit", "deit", "eva"))
 
 
 def cross_field_problems(cfg: Config) -> list[str]:
@@ -587,7 +589,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
         problems.append(f"eval.knn_report_k={cfg.eval.knn_report_k} must be one of eval.knn_k={cfg.eval.knn_k}")
     if d.local_crops_number > 0:
-        vit = any(tag in cfg.backbone.name for tag in _VIT_TAGS)
+        vit = is_vit_name(cfg.backbone.name)
         patch = cfg.backbone.patch_size if vit else None
         if d.local_crop_size < max(1, patch or 1):
             problems.append(f"data.local_crop_size={d.local_crop_size}: must be >= {max(1, patch or 1)} with "
@@ -660,6 +662,7 @@ def run_id(cfg: Config) -> str:
 RUN_CONFIG_FILE = "config.yaml"
 RUN_CHECKPOINT_DIR = "checkpoints"
 RUN_LAST_CHECKPOINT = "last.ckpt"
+RUN_PREVIOUS_CHECKPOINT = "previous.ckpt"  # the last.ckpt before the latest save: the fallback
 
 
 class CorruptRecordError(ValueError):
@@ -689,6 +692,12 @@ def read_json_record(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise CorruptRecordError(path, f"a JSON {type(data).__name__}, not an object")
     return data
+
+
+def torn_lines_text(lines: int, runs: Optional[int] = None) -> str:
+    """``metrics.jsonl: 2 torn line(s) skipped`` (``in 1 run`` when ``runs`` is given)."""
+    where = "" if runs is None else f" in {runs} run{'s' if runs != 1 else ''}"
+    return f"metrics.jsonl: {lines} torn line(s) skipped{where}"
 
 
 def read_jsonl_counted(path: Path) -> tuple[list[dict[str, Any]], int]:

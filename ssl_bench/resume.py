@@ -113,9 +113,6 @@ def _continue_attempt(run_id: str, run_dir: tracking.RunDir, previous: dict, att
           f"epoch {resume.epoch}, batch {resume.batch} of {resume.batches_per_epoch})", flush=True)
 
 
-RESUME_REASONS = ("preempted", "lost", "failed")
-
-
 def resume_reason(previous: dict) -> str:
     """Why the attempt before this one ended: "preempted", "failed", or "lost" (its record still said
     running, or there was none: the process was killed, e.g. SIGKILL or a node failure)."""

@@ -20,7 +20,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ssl_bench import repro
-from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, Config,  # noqa: F401
+from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT,  # noqa: F401
+                              RUN_PREVIOUS_CHECKPOINT, Config,
                               CorruptRecordError, read_json_record, read_jsonl_counted, to_yaml)
 # CorruptRecordError is re-exported: callers of read_result catch tracking.CorruptRecordError
 
@@ -30,7 +31,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 CHECKPOINT_DIR = RUN_CHECKPOINT_DIR
 LAST_CHECKPOINT = RUN_LAST_CHECKPOINT
-PREVIOUS_CHECKPOINT = "previous.ckpt"  # the last.ckpt before the latest save: the fallback if last.ckpt is broken
+PREVIOUS_CHECKPOINT = RUN_PREVIOUS_CHECKPOINT
 ATTEMPTS_DIR = "attempts"
 
 # Collapse diagnostics in metrics.jsonl (DINO Fig. 7; see eval/collapse.py).

@@ -22,7 +22,7 @@ from ssl_bench import config as config_lib
 from ssl_bench import dist, repro, speed, tracking
 from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, Heartbeat, InitialKNN, NonFiniteGuard,
                                  OnlineKNN, Preempted, ProgressLines, agreed_preemption)
-from ssl_bench.data import SSLDataModule
+from ssl_bench.data import SSLDataModule, dataset_info
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
 from ssl_bench.eval.features import FeatureCache, weights_sha256
@@ -383,21 +383,13 @@ def validate_config(cfg: config_lib.Config, label: str = "config", check_data: b
             check_dataset(cfg.data)
         except FileNotFoundError as exc:
             raise config_lib.ConfigError(f"{label}: {exc}") from exc
-    size = train_split_size(cfg.data.name)
-    if size is not None:
+    size = dataset_info(cfg.data.name).train_size
+    if size:
         images = min(size, cfg.data.subset or size)
         problem = config_lib.one_step_problem(cfg, images, f"data.name={cfg.data.name!r} with {images} "
                                                            "training images")
         if problem:
             raise config_lib.ConfigError(f"{label}: {problem}")
-
-
-def train_split_size(name: str) -> Optional[int]:
-    """Images in a dataset's SSL training split when known without reading it (None: count at build time)."""
-    from ssl_bench.data import synthetic
-
-    return {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "stl10": 5000,
-            "synthetic": synthetic.SPLIT_SIZES["train"]}.get(name)
 
 
 def check_local_devices(cfg: config_lib.Config, label: str = "config") -> None:

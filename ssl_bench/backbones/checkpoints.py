@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from ssl_bench.backbones.timm_backbone import Backbone, build_backbone
-from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, BackboneConfig,
-                              ConfigError, from_dict, read_yaml)
+from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, RUN_PREVIOUS_CHECKPOINT,
+                              BackboneConfig, ConfigError, from_dict, read_yaml)
 
 RUN_CONFIG = RUN_CONFIG_FILE
 RUN_CHECKPOINT = Path(RUN_CHECKPOINT_DIR) / RUN_LAST_CHECKPOINT
-# The last.ckpt before the latest save (tracking.PREVIOUS_CHECKPOINT; backbones/ may not import tracking).
-RUN_PREVIOUS_CHECKPOINT = Path(RUN_CHECKPOINT_DIR) / "previous.ckpt"
+RUN_PREVIOUS = Path(RUN_CHECKPOINT_DIR) / RUN_PREVIOUS_CHECKPOINT
 
 FORMATS = {
     "ssl-bench": "an ssl-bench run directory or its checkpoints/last.ckpt (Lightning state_dict)",
@@ -117,7 +116,7 @@ def _read_run_checkpoint(path: Path, ckpt_path: Path, weights_only: bool, log: C
 
     A checkpoint file named by the user is read as given, never replaced by another.
     """
-    previous = path / RUN_PREVIOUS_CHECKPOINT
+    previous = path / RUN_PREVIOUS
     if not path.is_dir() or ckpt_path == previous or not previous.is_file():
         return _read(ckpt_path, weights_only), ckpt_path
     try:
@@ -127,14 +126,14 @@ def _read_run_checkpoint(path: Path, ckpt_path: Path, weights_only: bool, log: C
             raise  # readable, but refused: previous.ckpt would be refused alike
         cause = exc.__cause__ or exc
         reason = type(cause).__name__ + (f": {str(cause).splitlines()[0][:200]}" if str(cause).strip() else "")
-        log(f"[ssl-bench] cannot read {ckpt_path} ({reason}); falling back to {RUN_PREVIOUS_CHECKPOINT}")
+        log(f"[ssl-bench] cannot read {ckpt_path} ({reason}); falling back to {RUN_PREVIOUS}")
         return _read(previous, weights_only), previous
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
     """The checkpoint file and, for ssl-bench runs, the run's config.yaml."""
     if path.is_dir():
-        if not (path / RUN_CHECKPOINT).is_file() and not (path / RUN_PREVIOUS_CHECKPOINT).is_file():
+        if not (path / RUN_CHECKPOINT).is_file() and not (path / RUN_PREVIOUS).is_file():
             raise CheckpointError(f"{path} is a directory without {RUN_CHECKPOINT}; expected an ssl-bench run "
                                   f"directory. Supported: {_supported()}")
         return path / RUN_CHECKPOINT, path / RUN_CONFIG

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ssl_bench.backbones.pos_embed import use_dino_pos_embed
-from ssl_bench.config import BackboneConfig
+from ssl_bench.config import BackboneConfig, is_vit_name
 from ssl_bench.registry import unknown_choice_message
 
 
@@ -84,10 +84,6 @@ def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
             kwargs["init_values"] = cfg.layerscale  # timm's LayerScale init (DINOv2: 1e-5)
     kwargs.update(cfg.kwargs)
     return kwargs
-
-
-def is_vit_name(name: str) -> bool:
-    return any(tag in name for tag in ("vit", "deit", "eva"))
 
 
 def build_backbone(cfg: BackboneConfig, mask_token: bool = False) -> Backbone:

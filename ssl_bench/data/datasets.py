@@ -37,6 +37,7 @@ class DatasetInfo:
     mean: tuple
     std: tuple
     image_size: int
+    train_size: int = 0  # images in the SSL training split when known without reading it; 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,17 @@ def _add_torchvision(name: str, class_name: str, description: str, info: Dataset
 
 
 _add_torchvision("cifar10", "CIFAR10", "CIFAR-10 via torchvision (50000/10000 32px RGB, 10 classes)",
-                 DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32))
+                 DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, 50000))
 _add_torchvision("cifar100", "CIFAR100", "CIFAR-100 via torchvision (50000/10000 32px RGB, 100 classes)",
-                 DatasetInfo(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32))
+                 DatasetInfo(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, 50000))
 _add_torchvision("stl10", "STL10", "STL-10 labelled splits via torchvision (5000/8000 96px RGB, 10 classes)",
-                 DatasetInfo(10, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 96))
+                 DatasetInfo(10, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 96, 5000))
 
 
 # ---- files read by us, ImageNet layout, generated ---------------------------------------
 
 _register("fashion_mnist", "Fashion-MNIST from the original IDX files (60000/10000 28px grey, 10 classes)",
-          DatasetInfo(10, (0.2860,) * 3, (0.3530,) * 3, 28), check_fashion_mnist)(build_fashion_mnist)
+          DatasetInfo(10, (0.2860,) * 3, (0.3530,) * 3, 28, 60000), check_fashion_mnist)(build_fashion_mnist)
 
 
 def _imagefolder_dir(cfg: DataConfig, split: str) -> Path:
@@ -159,7 +160,8 @@ def _build_imagefolder(cfg: DataConfig, split: str, transform=None) -> Dataset:
 
 
 @_register("synthetic", "generated 32px colour gratings, 10 classes, 512/128 images (tests)",
-           DatasetInfo(synthetic.NUM_CLASSES, synthetic.MEAN, synthetic.STD, synthetic.IMAGE_SIZE))
+           DatasetInfo(synthetic.NUM_CLASSES, synthetic.MEAN, synthetic.STD, synthetic.IMAGE_SIZE,
+                       synthetic.SPLIT_SIZES["train"]))
 def _build_synthetic(cfg: DataConfig, split: str, transform=None) -> Dataset:
     return synthetic.SyntheticGratings(split, transform)
 

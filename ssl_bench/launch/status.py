@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ssl_bench import config as config_lib
 from ssl_bench import tracking
 from ssl_bench.launch.grid import Study
 from ssl_bench.launch.slurm import latest_jobs
@@ -192,14 +193,8 @@ def progress_of(directory: Path) -> Progress:
     return out
 
 
-def last_progress(directory: Path) -> tuple[Optional[int], Optional[str]]:
-    """Last logged step and a short ``name=value`` of its loss (or last k-NN) from metrics.jsonl."""
-    progress = progress_of(directory)
-    return progress.step, progress.metric
-
-
 def torn_note(count: int) -> str:
-    return f"{tracking.METRICS_FILE}: {count} torn line(s) skipped"
+    return config_lib.torn_lines_text(count)
 
 
 def torn_summary(states: list[RunState]) -> Optional[str]:
@@ -207,7 +202,7 @@ def torn_summary(states: list[RunState]) -> Optional[str]:
     torn = [s.torn_lines for s in states if s.torn_lines]
     if not torn:
         return None
-    return f"{torn_note(sum(torn))} in {len(torn)} run{'s' if len(torn) > 1 else ''}"
+    return config_lib.torn_lines_text(sum(torn), len(torn))
 
 
 def rows_for_table(states: list[RunState]) -> list[dict[str, Any]]:

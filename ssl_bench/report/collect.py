@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ssl_bench.config import CorruptRecordError, read_json_record, read_jsonl_counted
+from ssl_bench.config import CorruptRecordError, read_json_record, read_jsonl_counted, torn_lines_text
 
 MISSING = "missing"
 CORRUPT = "corrupt"  # a record that exists but cannot be read (habit 13: never reported as missing)
@@ -30,9 +30,7 @@ def count_torn_lines(path: Path) -> int:
     return read_jsonl_counted(Path(path))[1]
 
 
-def torn_text(lines: int, runs: int) -> str:
-    """The footer line for skipped metric lines: ``metrics.jsonl: 2 torn line(s) skipped in 1 run``."""
-    return f"{METRICS_FILE}: {lines} torn line(s) skipped in {runs} run{'s' if runs != 1 else ''}"
+torn_text = torn_lines_text  # the footer line for skipped metric lines (config: shared with grid status)
 
 
 def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
