@@ -137,7 +137,7 @@ def test_train_refuses_batch_larger_than_the_dataset(tmp_path, tiny_tree, capsys
 def test_local_grid_checks_devices_but_a_profile_decides_on_slurm(tmp_path, tiny_tree, capsys, monkeypatch):
     import torch
 
-    from ssl_bench import grid_cli
+    from ssl_bench.cli import grid as grid_cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({**tiny_tree, "trainer": {"accelerator": "gpu"}}))

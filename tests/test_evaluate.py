@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from ssl_bench import config as config_lib
-from ssl_bench import evaluate, tracking, train
+from ssl_bench import tracking
+from ssl_bench.run import evaluate
+from ssl_bench.run import train
 from ssl_bench.cli import main
 from ssl_bench.report.collect import collect
 

@@ -3,7 +3,7 @@
 import pytest
 
 from ssl_bench import config as config_lib
-from ssl_bench import train
+from ssl_bench.run import train
 
 
 @pytest.mark.slow

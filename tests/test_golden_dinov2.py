@@ -97,7 +97,7 @@ from ssl_bench import config as config_lib
 from ssl_bench import schedules
 from ssl_bench.backbones.checkpoints import to_timm_names
 from ssl_bench.methods import build_method
-from ssl_bench.train import trainer_settings
+from ssl_bench.run.train import trainer_settings
 
 RTOL = 1e-5
 FIXTURE = Path(__file__).parent / "fixtures" / "dinov2_ssl_step_init.pt"

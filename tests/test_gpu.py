@@ -20,7 +20,9 @@ import torch
 from torch.testing import assert_close
 
 from ssl_bench import config as config_lib
-from ssl_bench import dist, speed, train
+from ssl_bench import dist
+from ssl_bench.run import speed
+from ssl_bench.run import train
 from ssl_bench.eval.knn import knn_accuracies
 from ssl_bench.losses import Centering
 from ssl_bench.methods import base, build_method

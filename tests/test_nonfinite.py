@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ssl_bench import callbacks, train
+from ssl_bench.run import callbacks
+from ssl_bench.run import train
 from ssl_bench import config as config_lib
 from ssl_bench.launch.status import run_state
 from ssl_bench.methods import base, dino, dinov2

@@ -182,7 +182,7 @@ def header(name: str) -> str:
 
 def validate_or_skip(cfg: config_lib.Config, label: str) -> None:
     """Build the method on the meta device (no data check); skip while a method is unregistered."""
-    from ssl_bench.train import validate_config
+    from ssl_bench.run.train import validate_config
 
     if cfg.method.name not in METHODS.names():
         pytest.skip(f"method {cfg.method.name!r} is not registered yet (being written elsewhere)")

@@ -19,7 +19,9 @@ import torch
 import yaml
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from ssl_bench import callbacks, tracking, train
+from ssl_bench import tracking
+from ssl_bench.run import callbacks
+from ssl_bench.run import train
 from ssl_bench import config as config_lib
 from ssl_bench.methods import dino
 
@@ -400,7 +402,8 @@ def test_slurm_environment_without_lightning_requeue(tree, tmp_path, monkeypatch
 
 INTERRUPT_SCRIPT = """
 import sys
-from ssl_bench import callbacks, cli
+from ssl_bench import cli
+from ssl_bench.run import callbacks
 from ssl_bench.methods import dino
 step, signalled_rank = int(sys.argv[1]), int(sys.argv[2])
 original = dino.DINO.training_step

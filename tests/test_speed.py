@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from ssl_bench import config as config_lib
-from ssl_bench import repro, schedules, speed
+from ssl_bench import repro, schedules
+from ssl_bench.run import speed
 from ssl_bench.bench.train import SyntheticCrops, fit_steps
 from ssl_bench.methods import build_method
 from ssl_bench.methods.base import param_groups

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from ssl_bench import config as config_lib
-from ssl_bench import tracking, train
+from ssl_bench import tracking
+from ssl_bench.run import train
 
 
 def test_archive_previous_attempt_keeps_files(tmp_path):

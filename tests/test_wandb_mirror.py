@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ssl_bench import config as config_lib
-from ssl_bench import wandb_mirror as mirror
+from ssl_bench.tracking import wandb_mirror as mirror
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 ENV = {"git": {"sha": SHA, "dirty": False, "branch": "main"}, "versions": {"wandb": "0.31.0"},

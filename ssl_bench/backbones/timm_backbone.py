@@ -42,7 +42,7 @@ class Backbone(nn.Module):
         self.is_vit = hasattr(model, "patch_embed")
         self.patch_size: int | None = int(model.patch_embed.patch_size[0]) if self.is_vit else None
         self._masks: torch.Tensor | None = None
-        self.channels_last = False  # speed.channels_last: images go in as NHWC (ssl_bench/speed.py)
+        self.channels_last = False  # speed.channels_last: images go in as NHWC (ssl_bench/run/speed.py)
         if mask_token:
             if not self.is_vit:
                 raise ValueError("masked-patch (iBOT) methods need a ViT backbone with patch tokens")

@@ -2,7 +2,7 @@
 
 The step timed is the one training runs: the registered method's ``training_step`` inside a Lightning
 ``Trainer`` (backward, clipping, AdamW, centering, EMA), with the config's ``speed`` options applied
-by :func:`ssl_bench.speed.apply`. Collapse diagnostics, checkpoints and k-NN are left out: they are
+by :func:`ssl_bench.run.speed.apply`. Collapse diagnostics, checkpoints and k-NN are left out: they are
 periodic work, not the step. One image is one source image with its full set of crops.
 
 With ``synthetic`` the batches are pre-made crops held in memory, which isolates the model step from
@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_bench import config as config_lib
-from ssl_bench import repro, speed
+from ssl_bench import repro
+from ssl_bench.run import speed
 from ssl_bench.bench.data import quantile
 from ssl_bench.methods import build_method
 from ssl_bench.methods.base import SSLMethod
@@ -146,7 +147,7 @@ def bench_config(cfg: config_lib.Config) -> config_lib.Config:
 
 def bench_train(cfg: config_lib.Config, steps: int = 20, warmup: int = 5, synthetic: bool = True) -> dict[str, Any]:
     """Run ``warmup + steps`` training steps of ``cfg`` and return the figures of the last ``steps``."""
-    from ssl_bench.train import build_datamodule, pipeline_options
+    from ssl_bench.run.train import build_datamodule, pipeline_options
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -183,7 +184,7 @@ def fit_steps(cfg: config_lib.Config, method: SSLMethod, data: Any, steps: int,
     options applied), without records, checkpoints or evaluation. ``data``: a DataLoader or DataModule."""
     import lightning as L
 
-    from ssl_bench.train import quiet_lightning, trainer_settings
+    from ssl_bench.run.train import quiet_lightning, trainer_settings
 
     quiet_lightning()
     trainer = L.Trainer(**trainer_settings(cfg), max_steps=steps, logger=False, callbacks=callbacks,

@@ -186,7 +186,7 @@ def _check_unique(runs: list[RunSpec], path: Path) -> None:
 
 def validate(study: Study) -> None:
     """Check every run (registries, model build, data reachable) before any starts."""
-    from ssl_bench.train import validate_config  # lazy: pulls in torch
+    from ssl_bench.run.train import validate_config  # lazy: pulls in torch
 
     checked: set[str] = set()
     for spec in study.runs:

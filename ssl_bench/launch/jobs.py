@@ -48,7 +48,8 @@ class TrainJob:
         self.force = force  # only the first start; a requeued job resumes
 
     def __call__(self) -> dict[str, Any]:
-        from ssl_bench import callbacks, train
+        from ssl_bench.run import callbacks
+        from ssl_bench.run import train
 
         os.environ.update(distributed_env(dict(os.environ)))
         cfg = config_lib.from_dict(self.config_tree)
@@ -105,7 +106,8 @@ class EvalJob:
         self.run_dir, self.kinds, self.device = run_dir, list(kinds), device
 
     def __call__(self) -> dict[str, Any]:
-        from ssl_bench import evaluate, tracking
+        from ssl_bench import tracking
+        from ssl_bench.run import evaluate
 
         result = tracking.read_result(Path(self.run_dir)) or {}
         if result.get("status") != tracking.STATUS_COMPLETED:

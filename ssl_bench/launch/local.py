@@ -21,7 +21,7 @@ class LaunchSummary:
 
 def launch_local(study: Study, force: bool = False) -> LaunchSummary:
     """Run every run not yet completed; a failure is recorded and the next run still starts."""
-    from ssl_bench import train  # lazy: pulls in torch
+    from ssl_bench.run import train  # lazy: pulls in torch
 
     summary = LaunchSummary()
     total = len(study.runs)

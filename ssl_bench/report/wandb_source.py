@@ -1,6 +1,6 @@
 """Collect a study's runs from W&B into the same tidy DataFrame that ``collect.collect`` builds.
 
-W&B mirrors the run directory (DESIGN.md §1, ``ssl_bench.wandb_mirror``): a run's config is the
+W&B mirrors the run directory (DESIGN.md §1, ``ssl_bench.tracking.wandb_mirror``): a run's config is the
 resolved config plus ``env`` (env.json), ``run_id`` and ``run_dir``; its summary is
 ``summary_of(result.json)``: metric keys flat, ``status``, ``error``, ``timing/<k>`` and
 ``collapse/<k>``. Here each W&B run is turned back into a result.json-like record and passed to

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ssl_bench import callbacks, repro, tracking
+from ssl_bench import repro, tracking
+from ssl_bench.run import callbacks
 from ssl_bench.launch import slurm, status
 from ssl_bench.launch.status import ACTIVE, LOST, resumes_label, run_state
 
@@ -150,7 +151,7 @@ def test_heartbeat_survives_a_failed_write(capsys):
 def test_tiny_run_records_its_owner(tiny_tree, monkeypatch):
     """A real 2-step run: result.json names this host and process, SLURM ids from the environment."""
     from ssl_bench import config as config_lib
-    from ssl_bench import train
+    from ssl_bench.run import train
 
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(key, raising=False)
@@ -177,7 +178,7 @@ def test_grid_plan_shows_a_lost_run_as_lost(tmp_path):
     import subprocess
     from types import SimpleNamespace
 
-    from ssl_bench.grid_cli import plan_rows
+    from ssl_bench.cli.grid import plan_rows
 
     child = subprocess.Popen(["sleep", "0"])
     child.wait()

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from ssl_bench import config as config_lib
-from ssl_bench import train
+from ssl_bench.run import train
 from ssl_bench.launch import slurm
 from ssl_bench.launch.grid import load_study
 from ssl_bench.launch.profiles import Profile

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ssl_bench import config as config_lib
-from ssl_bench import schedules, train
+from ssl_bench import schedules
+from ssl_bench.run import train
 from ssl_bench.data.masking import sample_masks
 from ssl_bench.methods import METHODS, build_method
 from ssl_bench.methods.base import param_groups, vit_layer_id

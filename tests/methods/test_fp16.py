@@ -20,7 +20,8 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 from ssl_bench import config as config_lib
-from ssl_bench import speed, train
+from ssl_bench.run import speed
+from ssl_bench.run import train
 from ssl_bench.methods import base, build_method
 from ssl_bench.methods.finite import NonFiniteError
 from tests.methods.test_methods import _crops

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from ssl_bench import config as config_lib
-from ssl_bench import train
+from ssl_bench.run import train
 from ssl_bench.methods import METHODS, build_method
 from ssl_bench.methods.base import clip_per_parameter, ema_update, param_groups
 

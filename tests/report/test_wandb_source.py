@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ssl_bench import config as config_lib
-from ssl_bench import wandb_mirror as mirror
+from ssl_bench.tracking import wandb_mirror as mirror
 from ssl_bench.report.collect import run_row
 from ssl_bench.report.wandb_source import collect_wandb, history_wandb, status_of
 

@@ -52,14 +52,14 @@ def _profile(args: argparse.Namespace):
 def _validate(study, args: argparse.Namespace):
     """Every run checked (registries, model, data; a profile's resources, else this machine's) before any starts."""
     from ssl_bench.launch.grid import validate
-    from ssl_bench.wandb_mirror import check_wandb
+    from ssl_bench.tracking.wandb_mirror import check_wandb
 
     validate(study)
     for mode in sorted({spec.config.tracking.wandb for spec in study.runs}):
         check_wandb(next(s.config for s in study.runs if s.config.tracking.wandb == mode))  # key before submitting
     profile = _profile(args)
     if profile is None:  # runs on this machine: its devices must exist (with a profile, the profile decides)
-        from ssl_bench.train import check_local_devices
+        from ssl_bench.run.train import check_local_devices
 
         for spec in study.runs:
             check_local_devices(spec.config, f"run {spec.run_id}")

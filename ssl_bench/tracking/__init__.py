@@ -321,10 +321,10 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
 
 
 def wandb_logger(cfg: Config, run_id: str, directory: Path) -> Logger | None:
-    """W&B mirror (``ssl_bench.wandb_mirror``) with env.json attached, or None when tracking.wandb=off."""
+    """W&B mirror (``ssl_bench.tracking.wandb_mirror``) with env.json attached, or None when tracking.wandb=off."""
     if cfg.tracking.wandb == "off":
         return None
-    from ssl_bench.wandb_mirror import wandb_logger as mirror
+    from ssl_bench.tracking.wandb_mirror import wandb_logger as mirror
 
     env = read_json_record(Path(directory) / ENV_FILE)
     return mirror(cfg, run_id, directory, env)
@@ -333,6 +333,6 @@ def wandb_logger(cfg: Config, run_id: str, directory: Path) -> Logger | None:
 def publish_wandb(logger: Logger | None, result: Mapping[str, Any]) -> None:
     """result.json's record as the W&B run summary; the W&B run is finished (no-op without W&B)."""
     if logger is not None:
-        from ssl_bench.wandb_mirror import publish_result
+        from ssl_bench.tracking.wandb_mirror import publish_result
 
         publish_result(logger, result)

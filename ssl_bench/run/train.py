@@ -19,8 +19,9 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssl_bench import config as config_lib
-from ssl_bench import dist, repro, speed, tracking
-from ssl_bench.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, Heartbeat, InitialKNN, NonFiniteGuard,
+from ssl_bench import dist, repro, tracking
+from ssl_bench.run import speed
+from ssl_bench.run.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, Heartbeat, InitialKNN, NonFiniteGuard,
                                  OnlineKNN, Preempted, ProgressLines, agreed_preemption)
 from ssl_bench.data import SSLDataModule, dataset_info
 from ssl_bench.data.masking import patch_grid
@@ -29,7 +30,7 @@ from ssl_bench.eval.features import FeatureCache, weights_sha256
 from ssl_bench.eval.knn_protocol import run_knn
 from ssl_bench.methods import build_method
 from ssl_bench.methods.finite import NonFiniteError
-from ssl_bench.resume import Attempt, plan_resume, start_attempt
+from ssl_bench.run.resume import Attempt, plan_resume, start_attempt
 
 
 @dataclass
@@ -49,7 +50,7 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     An unfinished attempt (result.json running/failed/preempted, or none) that left a loadable
     checkpoint of this run id is continued from it (``train.resume``); ``force`` archives the old
     attempt, checkpoints included, and starts over. A stop on a preemption request is recorded as
-    status "preempted" and :class:`~ssl_bench.callbacks.Preempted` is re-raised for the launcher.
+    status "preempted" and :class:`~ssl_bench.run.callbacks.Preempted` is re-raised for the launcher.
     """
     run_id = config_lib.run_id(cfg)
     directory = config_lib.run_dir(cfg)

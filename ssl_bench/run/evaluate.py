@@ -183,7 +183,7 @@ def timed(start: float) -> dict[str, float]:
 def eval_knn(target: Target, device: torch.device, use_cache: bool = True) -> dict[str, Any]:
     """DINO k-NN of the target's backbone on ``cfg.data``; features cached under the record dir."""
     from ssl_bench.eval.knn_protocol import run_knn
-    from ssl_bench.train import feature_progress
+    from ssl_bench.run.train import feature_progress
 
     check_eval_size(target)
     start = time.time()
@@ -233,9 +233,9 @@ def eval_collapse(target: Target, device: torch.device, batches: int = 4) -> dic
 def _collapse_of_run(target: Target, device: torch.device, batches: int) -> tuple[dict, dict]:
     from itertools import islice
 
-    from ssl_bench.callbacks import measure
+    from ssl_bench.run.callbacks import measure
     from ssl_bench.methods import build_method
-    from ssl_bench.train import build_datamodule
+    from ssl_bench.run.train import build_datamodule
 
     cfg = target.cfg
     repro.seed_everything(cfg.seed)

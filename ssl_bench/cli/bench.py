@@ -21,7 +21,7 @@ DEFAULT_OUT_DIR = "results/bench"
 
 def write_record(args: argparse.Namespace, benchmark: str, name: str, **body: Any) -> None:
     """Write a benchmark's JSON record: figures plus where, when and from what they came."""
-    from ssl_bench.results_cli import command_line
+    from ssl_bench.cli.results import command_line
 
     git = repro.git_state()
     path = output_path(args, benchmark, name, git)
@@ -92,7 +92,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
     from ssl_bench.bench.data import bench_data, format_table
     from ssl_bench.methods import build_method
-    from ssl_bench.train import pipeline_options
+    from ssl_bench.run.train import pipeline_options
 
     cfg = config_lib.load_config(args.config, args.overrides)
     try:

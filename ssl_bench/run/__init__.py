@@ -1,0 +1,1 @@
+"""Running one job: training (``train.run``), post-hoc evaluation, callbacks, resume planning, progress."""
