@@ -47,6 +47,7 @@ from ssl_bench.backbones import (Backbone, CheckpointError, build_backbone, expo
                                  load_backbone)
 from ssl_bench.backbones.checkpoints import to_timm_names
 from ssl_bench.eval.attention import cls_attention_maps, last_block_attention
+from ssl_bench.run.checkpoints import load_run_backbone
 from tests.conftest import TINY
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -221,21 +222,21 @@ def test_ssl_bench_run_dir_and_ckpt(tmp_path, mask_token):
     x = torch.randn(2, 3, 16, 16)
     masks = torch.rand(2, 16) < 0.5 if mask_token else None
     for path in (run, run / "checkpoints" / "last.ckpt"):
-        bb, info = load_backbone(path)
+        bb, info = load_run_backbone(path)
         assert info.format == "ssl-bench" and info.backbone == cfg.backbone and info.key == "teacher"
         assert info.ignored_keys == ["head.mlp.0.weight"]
         assert torch.equal(_features(bb, x, masks).cls, _features(teacher, x, masks).cls)
-    _, student_info = load_backbone(run, key="student")
+    _, student_info = load_run_backbone(run, key="student")
     assert student_info.weights_sha256 != info.weights_sha256
     with pytest.raises(CheckpointError, match=r"last\.ckpt \(ssl-bench\): key 'ema'.*\['student', 'teacher'\]"):
-        load_backbone(run, key="ema")
+        load_run_backbone(run, key="ema")
 
 
 def test_ssl_bench_ckpt_without_config_needs_backbone(tmp_path):
     run, teacher, cfg = _write_run(tmp_path, False)
     moved = tmp_path / "last.ckpt"
     (run / "checkpoints" / "last.ckpt").rename(moved)
-    with pytest.raises(CheckpointError, match="without ../config.yaml"):
+    with pytest.raises(CheckpointError, match="outside its run directory"):
         load_backbone(moved)
     bb, _ = load_backbone(moved, backbone=cfg.backbone)
     x = torch.randn(1, 3, 16, 16)
@@ -336,23 +337,23 @@ def test_run_dir_with_unreadable_last_ckpt_falls_back_to_previous(tmp_path):
     previous.write_bytes(last.read_bytes())
     last.write_bytes(last.read_bytes()[:1000])  # torn by a crash mid-write
     lines = []
-    bb, info = load_backbone(run, log=lines.append)
+    bb, info = load_run_backbone(run, log=lines.append)
     assert info.path == previous and len(lines) == 1
     assert lines[0].startswith(f"[ssl-bench] cannot read {last} (") and lines[0].endswith(
         "falling back to checkpoints/previous.ckpt")
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(_features(bb, x).cls, _features(teacher, x).cls)
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*last.ckpt"):
-        load_backbone(last, log=lines.append)  # a file named by the user is never replaced by another
+        load_run_backbone(last, log=lines.append)  # a file named by the user is never replaced by another
     last.unlink()
-    assert load_backbone(run, log=lines.append)[1].path == previous and len(lines) == 2
+    assert load_run_backbone(run, log=lines.append)[1].path == previous and len(lines) == 2
     previous.write_bytes(b"")
     with pytest.raises(CheckpointError, match="previous.ckpt"):  # nothing readable left: the error says so
-        load_backbone(run, log=lines.append)
+        load_run_backbone(run, log=lines.append)
 
 
 def test_run_dir_reads_last_ckpt_without_a_word_when_it_loads(tmp_path):
     run, _, _ = _write_run(tmp_path, False)
     (run / "checkpoints" / "previous.ckpt").write_bytes(b"not a checkpoint")
     lines = []
-    assert load_backbone(run, log=lines.append)[1].path == run / "checkpoints" / "last.ckpt" and lines == []
+    assert load_run_backbone(run, log=lines.append)[1].path == run / "checkpoints" / "last.ckpt" and lines == []

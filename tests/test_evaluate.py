@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,21 +38,21 @@ def test_eval_knn_of_a_run_reuses_the_training_features_and_numbers(trained):
     before = json.loads((result.run_dir / "result.json").read_text())
     target = evaluate.open_target(str(result.run_dir))
     assert target.is_run and target.cfg.data.name == "synthetic"
-    out = evaluate.eval_knn(target, CPU)
+    out = evaluate.evaluate(target, "knn", CPU)
     # The same weights, data and protocol: the cached features are used and the numbers agree.
-    assert json.loads(out["record"].read_text())["feature_cache_hits"] == 2
+    assert json.loads(out.record.read_text())["feature_cache_hits"] == 2
     for key in ("knn_top1", "knn_top5", "knn_k10_top1", "knn_k200_top1"):
-        assert out["metrics"][key] == pytest.approx(result.metrics[key], abs=1e-9)
+        assert out.metrics[key] == pytest.approx(result.metrics[key], abs=1e-9)
     after = json.loads((result.run_dir / "result.json").read_text())
     assert after["metrics"] == before["metrics"] and after["protocol"] == before["protocol"]
-    assert out["record"].name in {f"{k}.json" for k in after["evals"]}
+    assert out.record.name in {f"{k}.json" for k in after["evals"]}
 
 
 def test_eval_knn_with_another_protocol_does_not_touch_training_metrics(trained):
     cfg, result = trained
     target = evaluate.open_target(str(result.run_dir), ["eval.knn_k=[1,5]", "eval.knn_report_k=1"])
-    out = evaluate.eval_knn(target, CPU)
-    assert set(out["metrics"]) == {"knn_top1", "knn_top5", "knn_k1_top1", "knn_k5_top1"}
+    out = evaluate.evaluate(target, "knn", CPU)
+    assert set(out.metrics) == {"knn_top1", "knn_top5", "knn_k1_top1", "knn_k5_top1"}
     after = json.loads((result.run_dir / "result.json").read_text())
     assert after["metrics"]["knn_top1"] == result.metrics["knn_top1"]  # training record unchanged
     assert len([e for e in after["evals"].values() if e["kind"] == "knn"]) >= 2  # both evals kept
@@ -61,30 +62,31 @@ def test_eval_knn_without_cache_matches(trained):
     _, result = trained
     target = evaluate.open_target(str(result.run_dir / "checkpoints" / "last.ckpt"))
     assert target.is_run
-    out = evaluate.eval_knn(target, CPU, use_cache=False)
-    assert json.loads(out["record"].read_text())["feature_cache_hits"] == 0
-    assert out["metrics"]["knn_top1"] == pytest.approx(result.metrics["knn_top1"], abs=1e-9)
+    out = evaluate.evaluate(target, "knn", CPU, no_cache=True)
+    assert json.loads(out.record.read_text())["feature_cache_hits"] == 0
+    assert out.metrics["knn_top1"] == pytest.approx(result.metrics["knn_top1"], abs=1e-9)
 
 
 def test_eval_collapse_of_a_run_measures_all_four(trained):
     _, result = trained
-    out = evaluate.eval_collapse(evaluate.open_target(str(result.run_dir)), CPU, batches=2)
-    m = out["metrics"]
+    out = evaluate.evaluate(evaluate.open_target(str(result.run_dir)), "collapse", CPU, batches=2)
+    m = out.metrics
     k = 64  # TINY method.out_dim
     assert 0 < m["teacher_entropy"] <= torch.log(torch.tensor(float(k))).item() + 1e-6
     assert m["kl_teacher_student"] >= 0 and m["rankme"] >= 1 and m["feature_std"] > 0
-    assert out["protocol"]["images"] == 2 * 8
+    assert out.protocol["images"] == 2 * 8
 
 
 def test_eval_attention_writes_pngs(trained, tmp_path):
     _, result = trained
     image = tmp_path / "img.png"
     Image.fromarray((torch.rand(20, 24, 3) * 255).byte().numpy()).save(image)
-    out = evaluate.eval_attention(evaluate.open_target(str(result.run_dir)), [str(image)], CPU,
-                                  output=str(tmp_path / "att"))
+    out = evaluate.evaluate(evaluate.open_target(str(result.run_dir)), "attention", CPU, inputs=[str(image)],
+                            output=str(tmp_path / "att"))
     heads = 2  # TINY kwargs num_heads
-    assert len([p for p in out["files"] if "-head" in p.name]) == heads
-    assert all(p.stat().st_size > 0 for p in out["files"])
+    files = [Path(p) for p in out.extra["files"]]
+    assert len([p for p in files if "-head" in p.name]) == heads
+    assert all(p.stat().st_size > 0 for p in files)
 
 
 def test_run_dir_errors_name_the_problem(trained, tmp_path):
@@ -95,7 +97,7 @@ def test_run_dir_errors_name_the_problem(trained, tmp_path):
         evaluate.open_target(str(tmp_path / "nope"))
     target = evaluate.open_target(str(result.run_dir), ["data.eval_resize=18", "data.eval_crop_size=18"])
     with pytest.raises(config_lib.ConfigError, match="multiple of the backbone's patch size 4"):
-        evaluate.eval_knn(target, CPU)
+        evaluate.evaluate(target, "knn", CPU)
 
 
 def test_cli_eval_knn_prints_a_table(trained, capsys):
@@ -140,15 +142,15 @@ def test_imported_official_checkpoint_gives_the_runs_numbers(trained, tmp_path):
     target = evaluate.open_target(str(pth), same_data, dataset="synthetic")
     assert not target.is_run and target.info.format == "dino-backbone"
     assert target.info.weights_sha256 == run_target.info.weights_sha256
-    out = evaluate.eval_knn(target, CPU)
-    assert out["metrics"]["knn_top1"] == pytest.approx(result.metrics["knn_top1"], abs=1e-9)
+    out = evaluate.evaluate(target, "knn", CPU)
+    assert out.metrics["knn_top1"] == pytest.approx(result.metrics["knn_top1"], abs=1e-9)
     record_dir = tmp_path / "runs" / "imported" / f"dino_tiny_pretrain-{target.info.weights_sha256[:8]}"
-    assert out["record"].parent.parent == record_dir
+    assert out.record.parent.parent == record_dir
     assert json.loads((record_dir / "result.json").read_text())["status"] == "imported"
     # Without the head, collapse eval measures what a backbone alone allows and says why not the rest.
-    collapse = evaluate.eval_collapse(target, CPU)
-    assert collapse["metrics"]["teacher_entropy"] is None and collapse["metrics"]["rankme"] >= 1
-    assert "DINO head" in collapse["protocol"]["unavailable"]
+    collapse = evaluate.evaluate(target, "collapse", CPU)
+    assert collapse.metrics["teacher_entropy"] is None and collapse.metrics["rankme"] >= 1
+    assert "DINO head" in collapse.protocol["unavailable"]
 
 
 def test_imported_checkpoint_defaults_to_its_native_resolution(trained, tmp_path):
@@ -182,16 +184,17 @@ def test_eval_linear_of_a_run_records_grid_and_choice(trained):
     _, result = trained
     target = evaluate.open_target(str(result.run_dir), ["linear.lrs=[0.001,0.1]", "linear.epochs=1",
                                                         "linear.augment=false", "linear.batch_size=16"])
-    out = evaluate.eval_linear(target, CPU)
-    assert len(out["grid"]) == 4  # 2 lrs x avgpool on/off; TINY has depth 1, so n_last_blocks=4 is dropped
-    best = max(out["grid"], key=lambda h: h["val_top1"])
-    assert out["chosen"]["val_top1"] == best["val_top1"]
-    assert out["metrics"]["linear_top1"] == out["chosen"]["test_top1"]
+    out = evaluate.evaluate(target, "linear", CPU)
+    grid, chosen = out.extra["grid"], out.extra["chosen"]
+    assert len(grid) == 4  # 2 lrs x avgpool on/off; TINY has depth 1, so n_last_blocks=4 is dropped
+    best = max(grid, key=lambda h: h["val_top1"])
+    assert chosen["val_top1"] == best["val_top1"]
+    assert out.metrics["linear_top1"] == chosen["test_top1"]
     rec = json.loads((result.run_dir / "result.json").read_text())
-    entry = rec["evals"][out["record"].stem]
-    assert entry["protocol"]["mode"] == "fast" and entry["chosen"] == out["chosen"]
+    entry = rec["evals"][out.record.stem]
+    assert entry["protocol"]["mode"] == "fast" and entry["chosen"] == chosen
     df = collect([{"run_id": result.run_id, "run_dir": result.run_dir, "seed": 0, "axes": {}}])
-    assert df.loc[0, "linear_top1"] == out["metrics"]["linear_top1"]
+    assert df.loc[0, "linear_top1"] == out.metrics["linear_top1"]
 
 
 def test_eval_of_a_run_with_a_truncated_last_ckpt_falls_back_to_previous(trained, tmp_path, capsys):
@@ -207,7 +210,7 @@ def test_eval_of_a_run_with_a_truncated_last_ckpt_falls_back_to_previous(trained
     out = capsys.readouterr().out
     assert out.count("falling back to checkpoints/previous.ckpt") == 1 and f"cannot read {last}" in out
     assert target.checkpoint == previous and target.info.path == previous
-    metrics = evaluate.eval_collapse(target, CPU, batches=1)["metrics"]  # reads it with weights_only=True
+    metrics = evaluate.evaluate(target, "collapse", CPU, batches=1).metrics  # reads it with weights_only=True
     assert metrics["kl_teacher_student"] >= 0 and metrics["rankme"] >= 1
     with pytest.raises(config_lib.ConfigError, match="cannot read checkpoint"):
         evaluate.open_target(str(last))  # a checkpoint file named explicitly is not replaced

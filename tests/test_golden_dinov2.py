@@ -92,7 +92,7 @@ import lightning as L
 import pytest
 import torch
 
-import ssl_bench.methods.dinov2 as dinov2_module
+import ssl_bench.methods.dino as step_module  # dinov2 runs DINO's composed training step
 from ssl_bench import config as config_lib
 from ssl_bench import schedules
 from ssl_bench.backbones.checkpoints import to_timm_names
@@ -250,14 +250,14 @@ def _run(case, steps, monkeypatch):
     method = build_method(cfg)
     _load_official(method)
     global_parts = []
-    dino_ce = dinov2_module.dino_cross_entropy
+    dino_ce = step_module.dino_cross_entropy
 
     def spy(targets, student_logits, student_temp):
         pairs = len(targets) * (len(student_logits) - 1)
         global_parts.append((dino_ce(targets, student_logits[:2], student_temp) * 2 / pairs).item())
         return dino_ce(targets, student_logits, student_temp)
 
-    monkeypatch.setattr(dinov2_module, "dino_cross_entropy", spy)
+    monkeypatch.setattr(step_module, "dino_cross_entropy", spy)
     record = _Record()
     batches = [_batch(i) for i in range(settings.get("epoch_length", 3))]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ssl_bench.run import callbacks
+from ssl_bench.run import checkpoints, guard
 from ssl_bench.run import train
 from ssl_bench import config as config_lib
 from ssl_bench.launch.status import run_state
-from ssl_bench.methods import base, dino, dinov2
+from ssl_bench.methods import base, dino, parts
 from ssl_bench.methods.finite import FiniteWatch, NonFiniteError
 from tests.gloo_ranks import run_ranks
 
@@ -110,9 +110,9 @@ def test_grid_status_shows_the_failure_and_its_step(tiny_tree):
 
 @pytest.mark.parametrize("method,target,what", [
     ("dino", (dino, "dino_cross_entropy"), "loss"),
-    ("dinov2", (dinov2, "dino_cross_entropy"), "DINO loss"),
-    ("dinov2", (dinov2, "ibot_masked_patch_loss"), "iBOT loss"),
-    ("dinov2", (dinov2, "koleo_loss"), "KoLeo loss"),
+    ("dinov2", (dino, "dino_cross_entropy"), "DINO loss"),  # every method runs DINO's composed step
+    ("dinov2", (parts, "ibot_masked_patch_loss"), "iBOT loss"),
+    ("dinov2", (parts, "koleo_loss"), "KoLeo loss"),
 ])
 def test_each_loss_term_is_watched(tiny_tree, monkeypatch, method, target, what):
     module, name = target
@@ -148,8 +148,8 @@ def test_checkpoint_is_never_overwritten_by_non_finite_weights(tmp_path, tiny_cf
     trainer = SimpleNamespace(global_step=5, lightning_module=method, is_global_zero=True, precision_plugin=None,
                               loggers=[])
     saved = []
-    monkeypatch.setattr(callbacks, "save_checkpoint_atomically", lambda tr, directory: saved.append(tr.global_step))
-    saver = callbacks.AtomicLastCheckpoint(tmp_path, guard=callbacks.NonFiniteGuard(1))
+    monkeypatch.setattr(checkpoints, "save_checkpoint_atomically", lambda tr, directory: saved.append(tr.global_step))
+    saver = checkpoints.AtomicLastCheckpoint(tmp_path, guard=guard.NonFiniteGuard(1))
     saver.save(trainer)
     with torch.no_grad():
         next(method.teacher.parameters()).view(-1)[0] = math.inf

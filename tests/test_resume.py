@@ -20,7 +20,7 @@ import yaml
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ssl_bench import tracking
-from ssl_bench.run import callbacks
+from ssl_bench.run import checkpoints, preemption
 from ssl_bench.run import train
 from ssl_bench import config as config_lib
 from ssl_bench.methods import dino
@@ -76,20 +76,20 @@ def preempt_at(monkeypatch, step: int, seen: list | None = None) -> None:
 
     def training_step(self, batch, batch_idx):
         if seen is not None:
-            seen.append(callbacks.training_active())
+            seen.append(preemption.training_active())
         if self.global_step == step - 1:
-            callbacks.request_preemption_checkpoint()
+            preemption.request_preemption_checkpoint()
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(dino.DINO, "training_step", training_step)
 
 
-def interrupt(monkeypatch, cfg: config_lib.Config, step: int) -> callbacks.Preempted:
+def interrupt(monkeypatch, cfg: config_lib.Config, step: int) -> preemption.Preempted:
     with monkeypatch.context() as patch:
         preempt_at(patch, step)
-        with pytest.raises(callbacks.Preempted) as stopped:
+        with pytest.raises(preemption.Preempted) as stopped:
             train.run(cfg)
-    callbacks.clear_preemption_request()
+    preemption.clear_preemption_request()
     return stopped.value
 
 
@@ -139,7 +139,7 @@ def test_sigterm_checkpoints_the_step_before_lightning_stops(tree, monkeypatch, 
 
     with monkeypatch.context() as patch:
         patch.setattr(dino.DINO, "training_step", training_step)
-        with pytest.raises(callbacks.Preempted) as stopped:
+        with pytest.raises(preemption.Preempted) as stopped:
             train.run(cfg)
     assert stopped.value.step == 6 and type(stopped.value.__cause__).__name__ == "SIGTERMException"
     run_dir = config_lib.run_dir(cfg)
@@ -309,9 +309,9 @@ def test_resumed_run_keeps_the_knn_at_init(tree, monkeypatch):
 def test_training_active_only_inside_the_loop(tree, monkeypatch):
     seen: list[bool] = []
     preempt_at(monkeypatch, STEPS + 1, seen)  # never requested
-    assert not callbacks.training_active()
+    assert not preemption.training_active()
     train.run(make_cfg(tree, eval={"knn": False}))
-    assert seen == [True] * STEPS and not callbacks.training_active()
+    assert seen == [True] * STEPS and not preemption.training_active()
 
 
 def test_other_runs_checkpoint_and_config_are_not_resumed(tree, monkeypatch, capsys):
@@ -319,7 +319,7 @@ def test_other_runs_checkpoint_and_config_are_not_resumed(tree, monkeypatch, cap
     interrupt(monkeypatch, cfg, 3)
     run_dir = config_lib.run_dir(cfg)
     lines: list[str] = []
-    assert callbacks.find_resume_checkpoint(run_dir, "dino-00000000", lines.append) is None
+    assert checkpoints.find_resume_checkpoint(run_dir, "dino-00000000", lines.append) is None
     assert "checkpoint of run " + repr(config_lib.run_id(cfg)) in lines[0] and len(lines) == 2
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**saved, "seed": 1}))
@@ -353,11 +353,11 @@ def test_atomic_save_keeps_the_replaced_checkpoint_as_previous(tmp_path):
     trainer = FakeTrainer()
     for payload in (b"one", b"two", b"three"):
         trainer.payload = payload
-        callbacks.save_checkpoint_atomically(trainer, tmp_path)
+        checkpoints.save_checkpoint_atomically(trainer, tmp_path)
     assert (tmp_path / "last.ckpt").read_bytes() == b"three" and (tmp_path / "previous.ckpt").read_bytes() == b"two"
     trainer.payload = None
     with pytest.raises(OSError):
-        callbacks.save_checkpoint_atomically(trainer, tmp_path)
+        checkpoints.save_checkpoint_atomically(trainer, tmp_path)
     assert (tmp_path / "last.ckpt").read_bytes() == b"three" and (tmp_path / "previous.ckpt").read_bytes() == b"two"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["last.ckpt", "previous.ckpt"]
 
@@ -403,13 +403,13 @@ def test_slurm_environment_without_lightning_requeue(tree, tmp_path, monkeypatch
 INTERRUPT_SCRIPT = """
 import sys
 from ssl_bench import cli
-from ssl_bench.run import callbacks
+from ssl_bench.run import preemption
 from ssl_bench.methods import dino
 step, signalled_rank = int(sys.argv[1]), int(sys.argv[2])
 original = dino.DINO.training_step
 def training_step(self, batch, batch_idx):
     if self.global_step == step - 1 and self.global_rank == signalled_rank:
-        callbacks.request_preemption_checkpoint()  # one rank only: the all-reduce must stop both
+        preemption.request_preemption_checkpoint()  # one rank only: the all-reduce must stop both
     return original(self, batch, batch_idx)
 dino.DINO.training_step = training_step
 sys.exit(cli.main(sys.argv[3:]))

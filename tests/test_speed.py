@@ -80,7 +80,8 @@ def plain_run(cfg: config_lib.Config):
     total = o.epochs * steps_per_epoch
     base_lr = o.lr * BATCH / 256
     losses = []
-    for step, (crops, _) in enumerate(batches(cfg)):
+    for step, batch in enumerate(batches(cfg)):
+        crops = batch.crops
         for g in opt.param_groups:
             g["lr"] = schedules.cosine(step, total, base_lr, o.min_lr, round(o.warmup_epochs * steps_per_epoch))
             g["weight_decay"] = schedules.cosine(step, total, o.weight_decay, o.weight_decay_end) if g["apply_wd"] else 0

@@ -25,12 +25,8 @@ import torch
 from torch import nn
 
 from ssl_bench.backbones.timm_backbone import Backbone, build_backbone
-from ssl_bench.config import (RUN_CHECKPOINT_DIR, RUN_CONFIG_FILE, RUN_LAST_CHECKPOINT, RUN_PREVIOUS_CHECKPOINT,
-                              BackboneConfig, ConfigError, from_dict, read_yaml)
+from ssl_bench.config import BackboneConfig, ConfigError, from_dict, read_yaml
 
-RUN_CONFIG = RUN_CONFIG_FILE
-RUN_CHECKPOINT = Path(RUN_CHECKPOINT_DIR) / RUN_LAST_CHECKPOINT
-RUN_PREVIOUS = Path(RUN_CHECKPOINT_DIR) / RUN_PREVIOUS_CHECKPOINT
 
 FORMATS = {
     "ssl-bench": "an ssl-bench run directory or its checkpoints/last.ckpt (Lightning state_dict)",
@@ -75,26 +71,33 @@ class CheckpointInfo:
 
 
 def load_backbone(path: str | Path, backbone: BackboneConfig | None = None, key: str = "teacher",
-                  strict: bool = True, num_heads: int | None = None,
-                  weights_only: bool = True, log: Callable[[str], None] = print) -> tuple[Backbone, CheckpointInfo]:
-    """Build the timm backbone a checkpoint describes and load its weights (eval mode).
+                  strict: bool = True, num_heads: int | None = None, weights_only: bool = True,
+                  log: Callable[[str], None] = print, fallback: Path | None = None,
+                  run_config: Path | None = None) -> tuple[Backbone, CheckpointInfo]:
+    """Build the timm backbone a checkpoint file describes and load its weights (eval mode).
+
+    Run directories are resolved one level up (``run.checkpoints.load_run_backbone``), where the
+    run-directory layout is known; this function reads the files it is given.
 
     Args:
-        path: run directory, ``last.ckpt``, or an official DINO / DINOv2 ``.pth`` file.
-        backbone: the model to load into; None = the run's config.yaml (ssl-bench) or inferred from the
+        path: a checkpoint file: ssl-bench's ``last.ckpt`` or an official DINO / DINOv2 ``.pth``.
+        backbone: the model to load into; None = ``run_config``'s (ssl-bench) or inferred from the
             tensor shapes (official; see ``infer_backbone_config``).
         key: network inside training checkpoints (``teacher`` as DINO's eval scripts, or ``student``).
         strict: fail when a backbone weight is missing, unexpected or of another shape.
         num_heads: attention heads for inferred ViT configs (default embed_dim // 64, true for DINO/DINOv2).
         weights_only: refuse pickled objects beyond tensors and containers (argparse args are allowed).
-        log: gets the one line saying a run directory's unreadable last.ckpt was passed over for previous.ckpt.
+        log: gets the one line saying an unreadable ``path`` was passed over for ``fallback``.
+        fallback: a checkpoint read instead when ``path`` is absent or unreadable (a run's previous.ckpt).
+        run_config: the config.yaml of the run that wrote an ssl-bench checkpoint.
     """
     path = Path(path)
-    ckpt_path, config_path = _locate(path)
-    raw, ckpt_path = _read_run_checkpoint(path, ckpt_path, weights_only, log)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; name a checkpoint file. Supported: {supported_formats()}")
+    raw, ckpt_path = _read_with_fallback(path, fallback, weights_only, log)
     fmt, state, ignored, key_used = extract_backbone_state(raw, key, ckpt_path)
     if fmt == "ssl-bench":
-        backbone = backbone or _run_config(config_path)
+        backbone = backbone or _run_config(run_config)
     else:
         backbone = backbone or infer_backbone_config(state, num_heads)
         state = {k if k == "mask_token" else f"model.{k}": v for k, v in to_timm_names(state).items()}
@@ -110,37 +113,22 @@ def load_backbone(path: str | Path, backbone: BackboneConfig | None = None, key:
     return model, info
 
 
-def _read_run_checkpoint(path: Path, ckpt_path: Path, weights_only: bool, log: Callable[[str], None]
-                         ) -> tuple[Any, Path]:
-    """(contents, file read): a run directory whose last.ckpt is unreadable falls back to previous.ckpt.
-
-    A checkpoint file named by the user is read as given, never replaced by another.
-    """
-    previous = path / RUN_PREVIOUS
-    if not path.is_dir() or ckpt_path == previous or not previous.is_file():
-        return _read(ckpt_path, weights_only), ckpt_path
+def _read_with_fallback(path: Path, fallback: Path | None, weights_only: bool, log: Callable[[str], None]
+                        ) -> tuple[Any, Path]:
+    """(contents, file read): ``fallback`` is read when ``path`` is absent or cannot be read."""
+    if fallback is None or fallback == path:
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return _read(path, weights_only), path
     try:
-        return _read(ckpt_path, weights_only), ckpt_path
+        return _read(path, weights_only), path
     except CheckpointError as exc:
         if weights_only and "holds pickled objects" in str(exc):
-            raise  # readable, but refused: previous.ckpt would be refused alike
+            raise  # readable, but refused: the fallback would be refused alike
         cause = exc.__cause__ or exc
         reason = type(cause).__name__ + (f": {str(cause).splitlines()[0][:200]}" if str(cause).strip() else "")
-        log(f"[ssl-bench] cannot read {ckpt_path} ({reason}); falling back to {RUN_PREVIOUS}")
-        return _read(previous, weights_only), previous
-
-
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """The checkpoint file and, for ssl-bench runs, the run's config.yaml."""
-    if path.is_dir():
-        if not (path / RUN_CHECKPOINT).is_file() and not (path / RUN_PREVIOUS).is_file():
-            raise CheckpointError(f"{path} is a directory without {RUN_CHECKPOINT}; expected an ssl-bench run "
-                                  f"directory. Supported: {_supported()}")
-        return path / RUN_CHECKPOINT, path / RUN_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    config = path.parent.parent / RUN_CONFIG
-    return path, config if config.is_file() else None
+        log(f"[ssl-bench] cannot read {path} ({reason}); falling back to {fallback.parent.name}/{fallback.name}")
+        return _read(fallback, weights_only), fallback
 
 
 def _read(path: Path, weights_only: bool) -> Any:
@@ -151,22 +139,24 @@ def _read(path: Path, weights_only: bool) -> Any:
         if weights_only and "weights_only" in str(exc):
             raise CheckpointError(f"{path} holds pickled objects beyond tensors; if you trust the file, "
                                   f"pass weights_only=False. ({str(exc).splitlines()[0]})") from exc
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}. Supported: {_supported()}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}. Supported: {supported_formats()}") from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, ... for truncated or foreign files
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}. "
-                              f"Supported: {_supported()}") from exc
+                              f"Supported: {supported_formats()}") from exc
 
 
 def _run_config(config_path: Path | None) -> BackboneConfig:
     if config_path is None:
-        raise CheckpointError(f"ssl-bench checkpoint without ../{RUN_CONFIG}; pass backbone=BackboneConfig(...)")
+        raise CheckpointError("ssl-bench checkpoint outside its run directory (no config.yaml beside its "
+                              "checkpoints/ folder); pass backbone=BackboneConfig(...)")
     try:
         return from_dict(read_yaml(config_path)).backbone
     except ConfigError as exc:
         raise CheckpointError(f"run config {config_path}: {exc}") from exc
 
 
-def _supported() -> str:
+def supported_formats() -> str:
+    """The checkpoint formats this module reads, one phrase each (for error messages)."""
     return "; ".join(f"{name}: {text}" for name, text in FORMATS.items())
 
 
@@ -178,7 +168,7 @@ def extract_backbone_state(raw: Any, key: str, path: Path | str = "checkpoint"
     unchunked official names with ``module.``/``backbone.`` prefixes removed, registers still DINOv2's.
     """
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: a {type(raw).__name__}, not a checkpoint dict. Supported: {_supported()}")
+        raise CheckpointError(f"{path}: a {type(raw).__name__}, not a checkpoint dict. Supported: {supported_formats()}")
     if isinstance(raw.get("state_dict"), dict) and any(".backbone.model." in k for k in raw["state_dict"]):
         state, ignored = _split_backbone(_prefixed_network(raw["state_dict"], key, path, "ssl-bench"))
         return "ssl-bench", state, ignored, key
@@ -200,7 +190,7 @@ def extract_backbone_state(raw: Any, key: str, path: Path | str = "checkpoint"
             dinov2 = "mask_token" in state or "register_tokens" in state
             return ("dinov2-backbone" if dinov2 else "dino-backbone"), state, ignored, None
     top = _listing(sorted(map(str, raw)))
-    raise CheckpointError(f"{path}: unknown checkpoint format (top-level keys: {top}). Supported: {_supported()}")
+    raise CheckpointError(f"{path}: unknown checkpoint format (top-level keys: {top}). Supported: {supported_formats()}")
 
 
 def _prefixed_network(flat: dict[str, torch.Tensor], key: str, path: Path | str, fmt: str

@@ -20,6 +20,7 @@ import torch
 
 from ssl_bench import config as config_lib
 from ssl_bench import repro
+from ssl_bench.data.batch import Batch
 from ssl_bench.data.module import SSLDataModule
 from ssl_bench.data.resumable import ResumableLoader
 
@@ -139,23 +140,23 @@ def _endless(loader: ResumableLoader) -> Iterator[Any]:
         loader.epoch_sampler.set_epoch(loader.epoch_sampler.epoch + 1)
 
 
-def _batch_images(batch: Any) -> int:
-    """Source images in a training batch ``(crops, labels[, masks])``: the length of its labels."""
-    return int(batch[1].shape[0])
+def _batch_images(batch: Batch) -> int:
+    """Source images in a training batch: the length of its labels."""
+    return int(batch.labels.shape[0])
 
 
-def batch_shape(batch: Any) -> dict[str, Any]:
+def batch_shape(batch: Batch) -> dict[str, Any]:
     """Crops, pixels and channel values per source image of a training batch, from its tensors' shapes.
 
     ``pixels_per_image`` sums H*W over the crops; ``values_per_image`` multiplies in the channels
     (the floats the model reads); ``masked`` says whether the batch carries iBOT masks.
     """
-    crops = batch[0]
+    crops = batch.crops
     pixels = sum(int(c.shape[-2]) * int(c.shape[-1]) for c in crops)
     values = sum(int(c[0].numel()) for c in crops)
     return {"crops_per_image": len(crops), "crop_sizes": [list(c.shape[-2:]) for c in crops],
             "channels": int(crops[0].shape[1]), "pixels_per_image": pixels, "values_per_image": values,
-            "masked": len(batch) > 2}
+            "masked": batch.masks is not None}
 
 
 def config_summary(cfg: config_lib.Config, row: dict[str, Any], mask_grid: Optional[tuple[int, int]],

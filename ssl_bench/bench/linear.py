@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ssl_bench.eval.linear import FeatureChoice, LinearHeads, StackedSGD, head_grid, lr_factor, train_heads
+from ssl_bench.eval.linear_heads import FeatureChoice, LinearHeads, StackedSGD, head_grid, lr_factor, train_heads
 
 CHOICE = FeatureChoice(1, False)
 

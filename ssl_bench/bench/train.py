@@ -31,6 +31,7 @@ from ssl_bench import config as config_lib
 from ssl_bench import repro
 from ssl_bench.run import speed
 from ssl_bench.bench.data import quantile
+from ssl_bench.data.batch import Batch
 from ssl_bench.methods import build_method
 from ssl_bench.methods.base import SSLMethod
 
@@ -58,14 +59,14 @@ class SyntheticCrops(Dataset):
                  seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
         sizes = [global_size] * 2 + [local_size] * local_number
-        self.batches = [([torch.randn(batch_size, 3, s, s, generator=gen) for s in sizes],
-                         torch.zeros(batch_size, dtype=torch.long)) for _ in range(SYNTHETIC_BATCHES)]
+        self.batches = [Batch([torch.randn(batch_size, 3, s, s, generator=gen) for s in sizes],
+                              torch.zeros(batch_size, dtype=torch.long)) for _ in range(SYNTHETIC_BATCHES)]
         self.length = length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def __getitem__(self, index: int) -> Batch:
         if not 0 <= index < self.length:
             raise IndexError(f"batch {index} of {self.length}")
         return self.batches[index % len(self.batches)]

@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from ssl_bench import config as config_lib
+from ssl_bench import tracking
 from ssl_bench.cli.bench import add_bench_parser
 from ssl_bench.cli.eval import add_eval_parser
 from ssl_bench.cli.grid import add_grid_parser
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     try:
         return args.func(args)
-    except (config_lib.ConfigError, config_lib.CorruptRecordError) as exc:  # user errors: one line, no traceback
+    except (config_lib.ConfigError, tracking.CorruptRecordError) as exc:  # user errors: one line, no traceback
         print(f"ssl-bench: error: {exc}", file=sys.stderr)
         return 2
 

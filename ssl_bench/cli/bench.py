@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +168,3 @@ def add_bench_parser(sub) -> None:
     add_arguments(p)
     _output_args(p)
     p.set_defaults(func=cmd_bench_knn)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from ssl_bench.cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

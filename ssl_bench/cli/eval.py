@@ -1,9 +1,8 @@
-"""``ssl-bench eval``: evaluate a run directory or an imported checkpoint."""
+"""``ssl-bench eval <protocol>``: evaluate a run directory or an imported checkpoint; one subcommand per registered protocol."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ssl_bench import config as config_lib
 
@@ -19,91 +18,58 @@ def open_eval_target(args: argparse.Namespace, overrides: list[str]):
     return target, evaluate.device_of(args.device)
 
 
-def cmd_eval_knn(args: argparse.Namespace) -> int:
-    import pandas as pd
-
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Any protocol: split the positionals into key=value overrides and its inputs, run, record, print."""
     from ssl_bench.run import evaluate
 
-    target, device = open_eval_target(args, args.overrides)
-    out = evaluate.eval_knn(target, device, use_cache=not args.no_cache)
-    m, ks = out["metrics"], out["protocol"]["ks"]
-    rows = [{"k": str(k), "top-1 (%)": m[f"knn_k{k}_top1"]} for k in ks]
-    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
-    print(f"k={out['protocol']['k']}: top-1 {m['knn_top1']:.2f}%, top-5 {m['knn_top5']:.2f}% "
-          f"(T={out['protocol']['temperature']}); record: {out['record']}")
-    return 0
-
-
-def cmd_eval_linear(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from ssl_bench.run import evaluate
-
-    target, device = open_eval_target(args, args.overrides)
-    out = evaluate.eval_linear(target, device)
-    grid = pd.DataFrame(out["grid"]).sort_values("val_top1", ascending=False)
-    print(grid.head(args.show).to_markdown(index=False, floatfmt=".4g"))
-    c = out["chosen"]
-    print(f"chosen on the held-out split: {c['name']} (val top-1 {c['val_top1']:.2f}%) -> test top-1 "
-          f"{c['test_top1']:.2f}%, top-5 {c['test_top5']:.2f}%; {len(out['grid'])} heads; record: {out['record']}")
-    return 0
-
-
-def cmd_eval_collapse(args: argparse.Namespace) -> int:
-    from ssl_bench.run import evaluate
-
-    target, device = open_eval_target(args, args.overrides)
-    out = evaluate.eval_collapse(target, device, batches=args.batches)
-    for name, value in out["metrics"].items():
-        print(f"{name:<20} {'n/a' if value is None else f'{value:.4f}'}")
-    if "unavailable" in out["protocol"]:
-        print(f"note: {out['protocol']['unavailable']}")
-    print(f"record: {out['record']}")
-    return 0
-
-
-def cmd_eval_attention(args: argparse.Namespace) -> int:
-    from ssl_bench.run import evaluate
-
-    overrides = [a for a in args.inputs if "=" in a]
-    images = [a for a in args.inputs if "=" not in a]
-    if not images:
-        raise config_lib.ConfigError("eval attention: name at least one image file")
+    protocol = args.protocol
+    overrides = [a for a in args.inputs if "=" in a or not protocol.inputs]  # without inputs: all are overrides
+    inputs = [a for a in args.inputs if a not in overrides]
+    if protocol.inputs and not inputs:
+        raise config_lib.ConfigError(f"eval {protocol.name}: name at least one input ({protocol.inputs})")
     target, device = open_eval_target(args, overrides)
-    out = evaluate.eval_attention(target, images, device, args.output, args.image_size, args.threshold)
-    print(f"{len(out['files'])} PNG files ({out['protocol']['heads']} heads x {len(images)} image(s)) in "
-          f"{Path(out['files'][0]).parent}")
+    opts = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "protocol")})
+    opts.inputs = inputs
+    protocol.show(evaluate.run_protocol(target, protocol, device, opts), opts)
     return 0
+
+
+class EvalParser(argparse.ArgumentParser):
+    """The ``eval`` group; its subcommands, one per registered protocol, are added when it is first parsed.
+
+    Listing the protocols imports every one of them and with them timm and torchvision (seconds on
+    a busy machine), which ``ssl-bench results``, ``grid status`` and the rest do not need.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self._subparsers:
+            add_protocol_parsers(self)
+        return super().parse_known_args(args, namespace)
 
 
 def add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate a run directory or a checkpoint (ssl-bench, DINO, DINOv2)")
-    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    specs = (("knn", cmd_eval_knn, "weighted k-NN (DINO protocol)"),
-             ("linear", cmd_eval_linear, "linear-probe grid, head chosen on a held-out train split"),
-             ("collapse", cmd_eval_collapse, "teacher entropy, KL, RankMe, feature std"),
-             ("attention", cmd_eval_attention, "PNGs of the last block's CLS attention per head"))
-    for name, func, text in specs:
-        p = ev_sub.add_parser(name, help=text)
+    text = "evaluate a run directory or a checkpoint (ssl-bench, DINO, DINOv2)"
+    listed = sub.add_parser("eval", help=text)
+    # argparse has no per-subcommand parser class: put the lazy parser where the listed one was.
+    sub.choices["eval"] = EvalParser(prog=listed.prog, description=text)
+
+
+def add_protocol_parsers(ev: argparse.ArgumentParser) -> None:
+    from ssl_bench.eval.protocol import protocols
+
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True, parser_class=argparse.ArgumentParser)
+    for entry in protocols():
+        protocol = entry.factory
+        p = ev_sub.add_parser(protocol.name, help=protocol.help)
         p.add_argument("target", help="run directory, its checkpoints/last.ckpt, or an official DINO/DINOv2 "
                                       "checkpoint (.pth)")
-        if name == "attention":
-            p.add_argument("inputs", nargs="+", help="image files, then optional key=value overrides")
-            p.add_argument("--output", help="folder for the PNGs (default: <record dir>/attention)")
-            p.add_argument("--image-size", type=int, help="square input size (default: data.eval_crop_size)")
-            p.add_argument("--threshold", type=float, help="also keep only the patches holding this share of "
-                                                           "each head's attention mass (DINO: 0.6)")
+        example = f"e.g. {protocol.section}.KEY=VALUE" if protocol.section else "e.g. data.eval_crop_size=224"
+        if protocol.inputs:
+            p.add_argument("inputs", nargs="+", help=f"{protocol.inputs}, then optional key=value overrides")
         else:
-            p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.knn_k=[10,20]")
+            p.add_argument("inputs", nargs="*", metavar="overrides", help=f"key=value overrides, {example}")
         p.add_argument("--dataset", help="dataset to evaluate on (default: the run's, or fashion_mnist)")
         p.add_argument("--key", default="teacher", help="which network of a training checkpoint (teacher|student)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-        if name == "knn":
-            p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
-        if name == "linear":
-            p.add_argument("--show", type=int, default=10, help="grid rows to print (best validation first)")
-        if name == "collapse":
-            p.add_argument("--batches", type=int, default=4, help="training batches to measure (runs only)")
-        p.set_defaults(func=func)
-
-
+        protocol.add_arguments(p)
+        p.set_defaults(func=cmd_eval, protocol=protocol)

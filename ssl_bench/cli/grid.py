@@ -66,9 +66,17 @@ def _validate(study, args: argparse.Namespace):
         return None
     from ssl_bench.launch.slurm import validate_for_cluster
 
-    for warning in validate_for_cluster(study, profile, _submitit_cluster(args.cluster)):
+    for warning in validate_for_cluster(study, profile, _submitit_cluster(args.cluster), train_size):
         print(f"[ssl-bench] warning: {warning}", flush=True)
     return profile
+
+
+def train_size(cfg: config_lib.Config) -> int:
+    """Images in the run's SSL training set (the seeded subset, if any)."""
+    from ssl_bench.data import build_dataset
+
+    n = len(build_dataset(cfg.data, "train"))
+    return min(n, cfg.data.subset) if cfg.data.subset else n
 
 
 def _submitit_cluster(cluster: str) -> str:
@@ -107,12 +115,19 @@ def cmd_grid_launch(args: argparse.Namespace) -> int:
 
 
 def _eval_kinds(text: str | None) -> list[str]:
-    from ssl_bench.launch.slurm import EVAL_KINDS
-
+    """The --eval names, checked here against the evaluation registry (launch/ may not import eval/)."""
     kinds = [k.strip() for k in (text or "").split(",") if k.strip()]
-    bad = [k for k in kinds if k not in EVAL_KINDS]
+    if not kinds:
+        return []
+    from ssl_bench.eval.protocol import chained_names, protocols
+
+    valid = chained_names()
+    bad = [k for k in kinds if k not in valid]
     if bad:
-        raise config_lib.ConfigError(f"--eval {text!r}: unknown evaluation(s) {bad}; valid: {', '.join(EVAL_KINDS)}")
+        unknown = [k for k in bad if k not in protocols()]
+        problems = ([f"unknown evaluation(s) {unknown}"] if unknown else []) + [
+            f"{k!r} needs input files and cannot follow training" for k in bad if k not in unknown]
+        raise config_lib.ConfigError(f"--eval {text!r}: {'; '.join(problems)}; valid: {', '.join(valid)}")
     return kinds
 
 
@@ -211,7 +226,8 @@ def add_grid_parser(sub) -> None:
         if name == "launch":
             p.add_argument("--force", action="store_true", help="rerun completed runs too")
             p.add_argument("--dry-run", action="store_true", help="print the sbatch parameters per run; submit nothing")
-            p.add_argument("--eval", help="evaluations chained after training as dependent jobs, e.g. knn,linear")
+            p.add_argument("--eval", help="evaluations chained after training as dependent jobs, e.g. knn,linear "
+                                          "(any protocol of `ssl-bench eval` that takes no input files)")
             p.add_argument("--wait", action="store_true", help="wait for the runs, printing each state change")
             p.add_argument("--poll", type=float, default=10.0, help="seconds between status polls with --wait")
         p.set_defaults(func=func)

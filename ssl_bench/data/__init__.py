@@ -1,4 +1,6 @@
-"""Datasets, DINO multi-crop augmentation, iBOT block masking and the SSL DataModule."""
+"""Datasets, DINO multi-crop augmentation, iBOT block masking, the typed batch and the SSL DataModule."""
+
+from ssl_bench.data.batch import Batch, as_batch, collate_batch
 
 from ssl_bench.data.datasets import (
     DATASETS,
@@ -16,6 +18,7 @@ from ssl_bench.data.module import SSLDataModule, eval_loaders
 from ssl_bench.data.transforms import MultiCropTransform, eval_transform, linear_train_transform
 
 __all__ = [
+    "Batch",
     "BlockMaskGenerator",
     "DATASETS",
     "DataNotFoundError",
@@ -24,8 +27,10 @@ __all__ = [
     "MaskingCollate",
     "MultiCropTransform",
     "SSLDataModule",
+    "as_batch",
     "build_dataset",
     "check_dataset",
+    "collate_batch",
     "dataset_info",
     "eval_loaders",
     "eval_transform",

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import default_collate
 
+from ssl_bench.data.batch import Batch
+
 BLOCK_ATTEMPTS = 10  # tries per block before giving up, as in BEiT / DINOv2
 
 
@@ -155,8 +157,8 @@ class MaskingCollate:
         num_global_crops: leading crops of each sample that are masked.
 
     Returns (when called on a list of B ``(crops, label)`` samples, V crops each):
-        ``(crops, labels, masks)``: crops a list of V (B, 3, H_v, W_v) tensors,
-        labels (B,), masks (num_global_crops * B, H*W) bool with rows in the order
+        ``Batch(crops, labels, masks)`` (``data/batch.py``): crops a list of V (B, 3, H_v, W_v)
+        tensors, labels (B,), masks (num_global_crops * B, H*W) bool with rows in the order
         of ``torch.cat(crops[:num_global_crops])`` (view-major).
     """
 
@@ -172,7 +174,7 @@ class MaskingCollate:
         self.num_global_crops = num_global_crops
         self.generator = BlockMaskGenerator(self.grid)
 
-    def __call__(self, samples: list[tuple[list[torch.Tensor], Any]]):
+    def __call__(self, samples: list[tuple[list[torch.Tensor], Any]]) -> Batch:
         crops, labels = default_collate(samples)
         if len(crops) < self.num_global_crops:
             raise ValueError(f"samples have {len(crops)} crops, "
@@ -182,7 +184,7 @@ class MaskingCollate:
         rng = random.Random(random.getrandbits(64))
         masks = sample_masks(self.num_global_crops * len(samples), self.grid, self.mask_probability,
                              self.mask_ratio, rng, self.generator)
-        return crops, labels, masks
+        return Batch(crops, labels, masks)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(grid={self.grid}, mask_probability={self.mask_probability}, "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_bench.config import Config
+from ssl_bench.data.batch import Batch, collate_batch
 from ssl_bench.data.datasets import build_dataset, check_dataset, dataset_info, seeded_subset
 from ssl_bench.data.masking import MaskingCollate
 from ssl_bench.data.resumable import ResumableLoader
@@ -18,13 +19,13 @@ from ssl_bench.data.transforms import MultiCropTransform, eval_transform
 
 
 class SSLDataModule(L.LightningDataModule):
-    """Multi-crop training batches ``(list of (B, 3, H, W) crop batches, (B,) labels)``.
+    """Multi-crop training batches ``Batch(crops, labels, masks)`` (``data/batch.py``).
 
     The training set is the seeded ``cfg.data.subset`` of the train split, each
     image turned into DINO's crops by MultiCropTransform (Caron et al. 2021).
     With ``mask_grid``, batches gain iBOT block masks for the two global crops
-    (DINOv2, Oquab et al. 2023): ``(crops, labels, (2B, H*W) bool masks)``, see
-    MaskingCollate. The batches come from a ResumableLoader (``data/resumable.py``):
+    (DINOv2, Oquab et al. 2023): ``masks`` (2B, H*W) bool, see MaskingCollate; without,
+    ``masks`` is None. The batches come from a ResumableLoader (``data/resumable.py``):
     each is a pure function of (seed, epoch, batch index, rank, world size), whatever
     ``data.num_workers``, and a resumed run continues mid-epoch where it stopped.
 
@@ -80,10 +81,10 @@ class SSLDataModule(L.LightningDataModule):
         )
 
     @property
-    def collate_fn(self) -> Optional[MaskingCollate]:
-        """MaskingCollate when masking, else None (the DataLoader's default collate)."""
+    def collate_fn(self) -> Callable[[list], Batch]:
+        """MaskingCollate when masking, else ``collate_batch`` (default collate into a Batch)."""
         if self.mask_grid is None:
-            return None
+            return collate_batch
         method = self.cfg.method
         return MaskingCollate(self.mask_grid, method.mask_probability, tuple(method.mask_ratio))
 

@@ -10,6 +10,7 @@ holding a given share of the mass, upsampled (nearest) by the patch size.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +24,9 @@ from timm.layers import Attention
 from torch import Tensor, nn
 
 from ssl_bench.backbones import Backbone
+from ssl_bench.config import ConfigError
+from ssl_bench.data import dataset_info
+from ssl_bench.eval.protocol import EvalContext, Outcome, Protocol, arg, register
 
 COLORMAP = "viridis"  # matplotlib's default, the one DINO's plt.imsave figures use
 
@@ -219,3 +223,40 @@ def save_attention_maps(image: Tensor, maps: Tensor, out_dir: Path, stem: str, p
     paths.append(out_dir / f"{stem}-overview.png")
     _save_overview(paths[-1], [("input", input_pixels)] + panels)
     return paths
+
+
+def _run(ctx: EvalContext, opts: SimpleNamespace) -> Outcome:
+    """PNG maps of the last block's CLS attention per head for each of ``opts.inputs`` (DINO visualize_attention)."""
+    if not ctx.backbone.is_vit:
+        raise ConfigError(f"attention maps need a ViT; {ctx.backbone_name!r} has no attention")
+    size, patch = opts.image_size or ctx.cfg.data.eval_crop_size, ctx.backbone.patch_size
+    if size % patch:
+        raise ConfigError(f"--image-size {size} is not a multiple of the patch size {patch}")
+    info = dataset_info(ctx.cfg.data.name)
+    out_dir = Path(opts.output) if opts.output else ctx.record_dir / "attention"
+    ctx.backbone.eval()
+    written: list[Path] = []
+    for image_path in opts.inputs:
+        image = load_image(image_path, size, info.mean, info.std)
+        maps = cls_attention_maps(ctx.backbone, image.unsqueeze(0).to(ctx.device))[0].cpu()
+        written += save_attention_maps(image, maps, out_dir, Path(image_path).stem, patch, info.mean, info.std,
+                                       threshold=opts.threshold)
+    protocol = {"images": [str(p) for p in opts.inputs], "image_size": size, "patch_size": patch,
+                "heads": int(maps.shape[0]), "attention": "last block, CLS query over patch tokens, per head",
+                "threshold": opts.threshold, "normalisation": f"{ctx.cfg.data.name} mean/std",
+                "follows": "DINO visualize_attention.py"}
+    return Outcome({}, protocol, extra={"files": [str(p) for p in written]})
+
+
+def _show(out: Outcome, opts: SimpleNamespace) -> None:
+    files = out.extra["files"]
+    print(f"{len(files)} PNG files ({out.protocol['heads']} heads x {len(opts.inputs)} image(s)) in "
+          f"{Path(files[0]).parent}")
+
+
+register(Protocol("attention", "PNGs of the last block's CLS attention per head", _run, _show,
+                  inputs="image files", arguments=(
+                      arg("--output", help="folder for the PNGs (default: <record dir>/attention)"),
+                      arg("--image-size", type=int, help="square input size (default: data.eval_crop_size)"),
+                      arg("--threshold", type=float, help="also keep only the patches holding this share of each "
+                                                          "head's attention mass (DINO: 0.6)"))))

@@ -80,6 +80,18 @@ def feature_std(features: torch.Tensor, what: str = "collapse diagnostics: featu
     return float(F.normalize(features.float(), dim=-1).std(dim=0).mean())
 
 
+def diagnostics(targets: list[torch.Tensor], student_logits: list[torch.Tensor], teacher_cls: torch.Tensor,
+                student_temp: float) -> dict[str, float]:
+    """The four diagnostics of one measurement (the names after ``collapse/`` in metrics.jsonl).
+
+    Args: targets: teacher probabilities of the global views, (B, K) each; student_logits: every view,
+    (B, K) each, globals first; teacher_cls: (N, D) teacher CLS features; student_temp: tau_s.
+    """
+    return {"teacher_entropy": target_entropy(torch.cat(targets)),
+            "kl_teacher_student": kl_teacher_student(targets, student_logits, student_temp),
+            "rankme": rankme(teacher_cls), "feature_std": feature_std(teacher_cls)}
+
+
 REASON_ENTROPY_ZERO = "teacher entropy -> 0: one prototype dominates (no centering?)"
 REASON_ENTROPY_UNIFORM = "teacher entropy -> log K: uniform targets (no sharpening?)"
 REASON_KL_ZERO = "KL(teacher || student) -> 0: the student has nothing left to learn"

@@ -4,12 +4,13 @@ Caron et al. 2021 Sec. 4.1 and facebookresearch/dino ``eval_knn.py``: resize + c
 after norm (pooled features for ResNets), L2 normalisation, vote weight exp(sim / T), T = 0.07,
 k in {10, 20, 100, 200}. Under DDP every rank extracts its share of the bank and of the test set;
 the test features are all-gathered and the bank stays sharded (``knn_accuracies(sharded=True)``).
+Registered as the ``knn`` evaluation (settings: the ``eval`` section); training's k-NN calls ``run_knn``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -20,16 +21,9 @@ from ssl_bench.config import Config
 from ssl_bench.data import dataset_info, eval_loaders, num_classes
 from ssl_bench.eval.features import FeatureCache, cached_features
 from ssl_bench.eval.knn import knn_accuracies
+from ssl_bench.eval.protocol import EvalContext, Outcome, Protocol, arg, check_eval_size, register
 
 KNN_TOP1 = "knn_top1"
-
-
-@dataclass
-class KnnOutcome:
-    metrics: dict[str, float]  # knn_top1{suffix}, knn_top5{suffix}, knn_k{k}_top1{suffix}
-    protocol: dict[str, Any]
-    timing: dict[str, float] = field(default_factory=dict)
-    cache_hits: int = 0
 
 
 def feature_spec(cfg: Config, split: str, subset: int | None) -> dict[str, Any]:
@@ -56,11 +50,12 @@ def knn_protocol(cfg: Config, feature_description: str = "teacher backbone CLS a
 def run_knn(cfg: Config, backbone: nn.Module, suffix: str = "", cache: FeatureCache | None = None,
             weights: str | None = None, device: torch.device | str = "cpu",
             progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
-            log: Callable[[str], None] = print) -> KnnOutcome:
+            log: Callable[[str], None] = print) -> Outcome:
     """k-NN top-1/top-5 for every k in ``cfg.eval.knn_k``; ``knn_top1{suffix}`` is at ``eval.knn_report_k``.
 
     Every rank of a DDP job must call this (collectives); all ranks return the same numbers.
-    ``cache``/``weights`` (a hash of the backbone) enable the on-disk feature cache.
+    ``cache``/``weights`` (a hash of the backbone) enable the on-disk feature cache; the outcome's
+    ``extra["feature_cache_hits"]`` counts the feature sets read from it (bank, test).
     """
     bank_loader, test_loader = eval_loaders(cfg)
     e = cfg.eval
@@ -85,5 +80,26 @@ def run_knn(cfg: Config, backbone: nn.Module, suffix: str = "", cache: FeatureCa
     log(f"[ssl-bench] k-NN k={e.knn_report_k} top-1 = {metrics[KNN_TOP1 + suffix]:.2f}% "
         f"(features {extract_s:.1f} s{', from cache' if hits == 2 else ''}, "
         f"scoring {time.time() - t0 - extract_s:.1f} s)")
-    return KnnOutcome(metrics, knn_protocol(cfg), {"extract_s": round(extract_s, 2),
-                                                   "total_s": round(time.time() - t0, 2)}, hits)
+    return Outcome(metrics, knn_protocol(cfg), {"extract_s": round(extract_s, 2),
+                                                "total_s": round(time.time() - t0, 2)}, {"feature_cache_hits": hits})
+
+
+def _run(ctx: EvalContext, opts: SimpleNamespace) -> Outcome:
+    check_eval_size(ctx)
+    return run_knn(ctx.cfg, ctx.backbone, cache=None if opts.no_cache else ctx.cache, weights=ctx.weights,
+                   device=ctx.device, progress=ctx.progress, log=ctx.log)
+
+
+def _show(out: Outcome, opts: SimpleNamespace) -> None:
+    import pandas as pd
+
+    m, p = out.metrics, out.protocol
+    print(pd.DataFrame([{"k": str(k), "top-1 (%)": m[f"knn_k{k}_top1"]} for k in p["ks"]]).to_markdown(
+        index=False, floatfmt=".2f"))
+    print(f"k={p['k']}: top-1 {m[KNN_TOP1]:.2f}%, top-5 {m['knn_top5']:.2f}% (T={p['temperature']}); "
+          f"record: {out.record}")
+
+
+register(Protocol("knn", "weighted k-NN (DINO protocol)", _run, _show, section="eval",
+                  arguments=(arg("--no-cache", action="store_true",
+                                 help="neither read nor write the feature cache"),)))

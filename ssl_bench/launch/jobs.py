@@ -23,20 +23,14 @@ def distributed_env(environ: dict[str, str]) -> dict[str, str]:
     job_id = environ.get("SLURM_JOB_ID")
     if job_id is None:
         return out
-    if "MASTER_ADDR" not in environ:
-        nodes = _hostnames(environ.get("SLURM_JOB_NODELIST", ""))
-        if nodes:
-            out["MASTER_ADDR"] = nodes[0]
+    nodelist = environ.get("SLURM_JOB_NODELIST", "")
+    if "MASTER_ADDR" not in environ and nodelist:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment  # lazy: pulls in torch
+
+        out["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(nodelist)  # "n[1-2],gpu7" -> "n1"
     if "MASTER_PORT" not in environ:
         out["MASTER_PORT"] = str(20000 + int(job_id) % 20000)
     return out
-
-
-def _hostnames(nodelist: str) -> list[str]:
-    """``n[1-2],gpu7`` -> ``["n1", "n2", "gpu7"]`` (submitit's parser of SLURM node lists)."""
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(nodelist) if nodelist else []
 
 
 class TrainJob:
@@ -48,7 +42,7 @@ class TrainJob:
         self.force = force  # only the first start; a requeued job resumes
 
     def __call__(self) -> dict[str, Any]:
-        from ssl_bench.run import callbacks
+        from ssl_bench.run import preemption
         from ssl_bench.run import train
 
         os.environ.update(distributed_env(dict(os.environ)))
@@ -59,9 +53,9 @@ class TrainJob:
         def on_warning(signum: int, frame: Any) -> None:
             # Inside the training loop the checkpoint is taken at the end of the current step, then
             # submitit's handler requeues; elsewhere (evaluation) requeue at once from the last checkpoint.
-            if callbacks.training_active():
+            if preemption.training_active():
                 print(f"[ssl-bench] signal {signum}: checkpointing {self.run_id} at the end of this step", flush=True)
-                callbacks.request_preemption_checkpoint()
+                preemption.request_preemption_checkpoint()
             elif callable(submitit_handler):
                 submitit_handler(signum, frame)
 
@@ -69,7 +63,7 @@ class TrainJob:
         force, self.force = self.force, False  # checkpoint() pickles self: the requeued job must not restart
         try:
             result = train.run(cfg, force=force)
-        except callbacks.Preempted as exc:
+        except preemption.Preempted as exc:
             print(f"[ssl-bench] {self.run_id}: checkpoint saved at step {exc.step}; requeueing", flush=True)
             if callable(submitit_handler) and repro.launch_rank(cfg.trainer.devices) == 0:
                 submitit_handler(signal.SIGUSR2, None)  # calls self.checkpoint(), scontrol requeue, exits
@@ -100,7 +94,11 @@ def _record_job_start(directory: Path) -> None:
 
 
 class EvalJob:
-    """Evaluations chained after training (``--eval knn,linear``): each run that completed is evaluated."""
+    """Evaluations chained after training (``--eval knn,linear``): each run that completed is evaluated.
+
+    ``kinds`` are names of the evaluation registry (``ssl_bench.eval.protocol``), read lazily in the
+    job through ``run.evaluate``: launch/ does not import eval/.
+    """
 
     def __init__(self, run_dir: str, kinds: list[str], device: str = "auto") -> None:
         self.run_dir, self.kinds, self.device = run_dir, list(kinds), device
@@ -114,10 +112,6 @@ class EvalJob:
             return {"run_dir": self.run_dir, "skipped": f"training status is {result.get('status', 'missing')!r}"}
         device = evaluate.device_of(self.device)
         done = {}
-        for kind in self.kinds:
-            target = evaluate.open_target(self.run_dir)
-            run = {"knn": lambda: evaluate.eval_knn(target, device),
-                   "linear": lambda: evaluate.eval_linear(target, device),
-                   "collapse": lambda: evaluate.eval_collapse(target, device)}[kind]
-            done[kind] = run().get("record")
+        for kind in self.kinds:  # registered protocol names, checked by ``grid launch`` before submitting
+            done[kind] = evaluate.evaluate(evaluate.open_target(self.run_dir), kind, device).record
         return {"run_dir": self.run_dir, "evals": done}

@@ -21,44 +21,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ssl_bench import config as config_lib
 from ssl_bench import repro
+from ssl_bench.launch import status
 from ssl_bench.launch.grid import RunSpec, Study
 from ssl_bench.launch.jobs import EvalJob, TrainJob
 from ssl_bench.launch.profiles import JobShape, Profile, job_shape
+from ssl_bench.launch.submissions import SLURM_DIR, append_submission, study_root
 
-SLURM_DIR = ".slurm"  # under <runs_root>/<study>/: code snapshots, submitit folders, submissions.jsonl
-SUBMISSIONS_FILE = "submissions.jsonl"
 SNAPSHOT_FILE = repro.SNAPSHOT_FILE  # next to the copied package: the git state it was copied from
 CLUSTERS = ("slurm", "local", "debug")  # submitit executors; "local"/"debug" test the same path without SLURM
-EVAL_KINDS = ("knn", "linear", "collapse")
-
-
-def study_root(study: Study) -> Path:
-    return config_lib.run_dir(study.runs[0].config).parent
-
-
-def submissions_path(study: Study) -> Path:
-    return study_root(study) / SLURM_DIR / SUBMISSIONS_FILE
-
-
-def read_submissions(study: Study) -> list[dict[str, Any]]:
-    path = submissions_path(study)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def latest_jobs(study: Study) -> dict[str, dict[str, Any]]:
-    """run id -> the latest submission that included it (job id, cluster, kind, snapshot)."""
-    jobs: dict[str, dict[str, Any]] = {}
-    for sub in read_submissions(study):
-        for run_id, job_id in sub.get("train_jobs", {}).items():
-            jobs[run_id] = {"job_id": job_id, "cluster": sub["cluster"], "submitted_at": sub["submitted_at"],
-                            "submission": sub["id"], "eval_job": sub.get("eval_jobs", {}).get(run_id)}
-    return jobs
+# The evaluations chained by --eval are the registry's chained protocols (ssl_bench.eval.protocol.chained_names);
+# cli/grid.py checks the names, since launch/ may not import eval/, and the job runs them through run/evaluate.py.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +124,12 @@ def group_by_shape(specs: list[RunSpec]) -> dict[JobShape, list[RunSpec]]:
     return groups
 
 
-def validate_for_cluster(study: Study, profile: Profile, cluster: str) -> list[str]:
-    """Every run against the profile (and the live partition): raise on the impossible, return warnings."""
+def validate_for_cluster(study: Study, profile: Profile, cluster: str,
+                         train_size: Callable[[config_lib.Config], int]) -> list[str]:
+    """Every run against the profile (and the live partition): raise on the impossible, return warnings.
+
+    ``train_size(cfg)`` counts a run's training images (the caller builds the data: launch/ does not import it).
+    """
     from ssl_bench.launch.profiles import check_run, effective_limits, partition_limits
 
     live = partition_limits(profile.partition) if cluster == "slurm" else None
@@ -165,30 +145,20 @@ def validate_for_cluster(study: Study, profile: Profile, cluster: str) -> list[s
     return sorted(set(warnings))
 
 
-def train_size(cfg: config_lib.Config) -> int:
-    """Images in the run's SSL training set (the seeded subset, if any)."""
-    from ssl_bench.data import build_dataset
-
-    n = len(build_dataset(cfg.data, "train"))
-    return min(n, cfg.data.subset) if cfg.data.subset else n
-
-
 def select_runs(study: Study, force: bool = False) -> tuple[list[RunSpec], dict[str, str]]:
     """Runs to submit: not completed (unless ``force``) and not already pending/running in SLURM.
 
     A failed or lost run (record said running, owner gone) is submitted again; its job resumes it.
     """
-    from ssl_bench.launch.status import ACTIVE, COLLAPSED, COMPLETED, CORRUPT, study_status
-
-    states = {s.run_id: s for s in study_status(study)}
+    states = {s.run_id: s for s in status.study_status(study)}
     chosen, skipped = [], {}
     for spec in study.runs:
         row = states[spec.run_id]
-        if row.state in ACTIVE and row.job_id:
+        if row.state in status.ACTIVE and row.job_id:
             skipped[spec.run_id] = f"already {row.state} as job {row.job_id}"
-        elif row.state in (COMPLETED, COLLAPSED) and not force:
+        elif row.state in (status.COMPLETED, status.COLLAPSED) and not force:
             skipped[spec.run_id] = "completed"
-        elif row.state == CORRUPT and not force:  # the job would stop on it: say so before submitting
+        elif row.state == status.CORRUPT and not force:  # the job would stop on it: say so before submitting
             skipped[spec.run_id] = f"{row.label}; repair or move it away, or use --force"
         else:
             chosen.append(spec)
@@ -222,10 +192,7 @@ def submit(study: Study, specs: list[RunSpec], profile: Profile, cluster: str = 
     sub.submit_s = round(time.time() - started, 3)
     if evals:
         _submit_evals(study, specs, profile, cluster, evals, base, sub, factory)
-    path = submissions_path(study)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(sub.record()) + "\n")
+    append_submission(study, sub.record())
     return sub
 
 
@@ -248,8 +215,6 @@ def _submit_evals(study: Study, specs: list[RunSpec], profile: Profile, cluster:
 
 def dry_run_text(study: Study, specs: list[RunSpec], profile: Profile, evals: list[str] = ()) -> str:
     """The sbatch header of each array that would be submitted, and the runs in it."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     lines = []
     for shape, group in group_by_shape(specs).items():
         params = profile.sbatch_parameters(shape.nodes, shape.tasks_per_node)
@@ -257,8 +222,7 @@ def dry_run_text(study: Study, specs: list[RunSpec], profile: Profile, evals: li
             params["gpus_per_node"] = shape.gpus_per_node
         params["setup"] = _setup_lines(profile, Path("<snapshot>/code"))
         params["array_parallelism"] = profile.array_parallelism
-        text = _make_sbatch_string(command="python -u -m submitit.core._submit <folder>", folder="<submitit>/%j",
-                                   job_name=f"ssl-bench-{study.name}", map_count=len(group), **params)
+        text = sbatch_text(job_name=f"ssl-bench-{study.name}", map_count=len(group), **params)
         lines.append(f"# array of {len(group)} run(s): {shape.nodes} node(s) x {shape.tasks_per_node} task(s) "
                      f"per node" + (f", {shape.gpus_per_node} GPU(s) per node" if shape.gpus_per_node else ""))
         lines += [ln for ln in text.splitlines() if ln.startswith(("#SBATCH", "export", "srun"))]
@@ -272,27 +236,37 @@ def dry_run_text(study: Study, specs: list[RunSpec], profile: Profile, evals: li
     return "\n".join(lines)
 
 
+def sbatch_text(**params: Any) -> str:
+    """The sbatch file submitit would write for ``params``, without submitting anything.
+
+    Private submitit API, on purpose: submitit 1.5 renders this file only inside ``submit``
+    (``SlurmExecutor._make_submission_file_text`` is private too) and has no public dry run.
+    """
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command="python -u -m submitit.core._submit <folder>", folder="<submitit>/%j",
+                               **params)
+
+
 def print_flush(*parts: Any) -> None:
     print(*parts, flush=True, file=sys.stdout)
 
 
 def wait(study: Study, sub: Submission, poll_s: float = 5.0, timeout_s: Optional[float] = None) -> dict[str, str]:
     """Poll until no run of ``sub`` is pending or running; print each state change. Returns run id -> state."""
-    from ssl_bench.launch.status import ACTIVE, study_status
-
     started = time.time()
     seen: dict[str, str] = {}
     while True:
-        rows = {r.run_id: r for r in study_status(study) if r.run_id in sub.train_jobs}
+        rows = {r.run_id: r for r in status.study_status(study) if r.run_id in sub.train_jobs}
         for run_id, row in rows.items():
             label = row.label
             if seen.get(run_id) != label:
                 print_flush(f"[ssl-bench] {run_id} (job {row.job_id}): {label}"
                             + (f", step {row.last_step}" if row.last_step is not None else ""))
                 seen[run_id] = label
-        if not any(r.state in ACTIVE for r in rows.values()):
+        if not any(r.state in status.ACTIVE for r in rows.values()):
             return {run_id: r.state for run_id, r in rows.items()}
         if timeout_s is not None and time.time() - started > timeout_s:
             raise TimeoutError(f"runs still active after {timeout_s:.0f} s: "
-                               f"{[k for k, r in rows.items() if r.state in ACTIVE]}")
+                               f"{[k for k, r in rows.items() if r.state in status.ACTIVE]}")
         time.sleep(poll_s)

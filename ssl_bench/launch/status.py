@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ssl_bench import config as config_lib
 from ssl_bench import tracking
 from ssl_bench.launch.grid import Study
-from ssl_bench.launch.slurm import latest_jobs
+from ssl_bench.launch.submissions import latest_jobs
 
 PENDING, RUNNING, COMPLETED, FAILED, COLLAPSED, NOT_SUBMITTED, CORRUPT, LOST = (
     "pending", "running", "completed", "failed", "collapsed", "not submitted", "corrupt", "lost")
@@ -194,7 +193,7 @@ def progress_of(directory: Path) -> Progress:
 
 
 def torn_note(count: int) -> str:
-    return config_lib.torn_lines_text(count)
+    return tracking.torn_lines_text(count)
 
 
 def torn_summary(states: list[RunState]) -> Optional[str]:
@@ -202,7 +201,7 @@ def torn_summary(states: list[RunState]) -> Optional[str]:
     torn = [s.torn_lines for s in states if s.torn_lines]
     if not torn:
         return None
-    return config_lib.torn_lines_text(sum(torn), len(torn))
+    return tracking.torn_lines_text(sum(torn), len(torn))
 
 
 def rows_for_table(states: list[RunState]) -> list[dict[str, Any]]:

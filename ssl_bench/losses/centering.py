@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from ssl_bench.dist import all_reduce_mean
+from ssl_bench.losses.dino import teacher_targets
 from ssl_bench.losses.precision import at_least_fp32
 
 
 class Centering(nn.Module):
-    """Holds the center ``c`` and updates it with ``c <- m c + (1 - m) mean(t)``.
+    """Holds the center ``c``; targets ``softmax((t - c) / tau_t)``, then ``c <- m c + (1 - m) mean(t)``.
 
     The batch mean is all-reduced across ranks, as in facebookresearch/dino
     ``DINOLoss.update_center``. The center is a buffer so checkpoints keep it.
@@ -20,6 +21,10 @@ class Centering(nn.Module):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, dim))
+
+    def probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Args: teacher_logits: (N, K). Returns (N, K) centred, sharpened targets (``teacher_targets``)."""
+        return teacher_targets(teacher_logits, self.center, teacher_temp)
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from ssl_bench import schedules
-from ssl_bench.backbones import Backbone, build_backbone
+from ssl_bench.backbones import Backbone, Features, build_backbone
 from ssl_bench.config import Config, run_id
 from ssl_bench.heads import DINOHead
 from ssl_bench.methods.finite import FiniteWatch
+from ssl_bench.methods.parts import NUM_GLOBAL_CROPS
 from ssl_bench.registry import Registry
 
 METHODS: Registry[type["SSLMethod"]] = Registry("method")
@@ -56,6 +57,18 @@ class StudentTeacherNet(nn.Module):
     def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """Args: crops: V tensors (B, 3, H_v, W_v). Returns (V*B, K) logits in view order."""
         return self.head(self.backbone_cls(crops))
+
+    def forward_views(self, crops: list[torch.Tensor], masks: Optional[torch.Tensor] = None,
+                      ) -> tuple[Features, torch.Tensor]:
+        """The global views' backbone features (what the optional terms read) and the head logits of all views.
+
+        Args: crops: V tensors (B, 3, H_v, W_v), the 2 global views first; masks: (2B, N) bool, the
+        global patches the mask token replaces (iBOT), or None.
+        Returns: Features of the global views (cls (2B, D), patches (2B, N, D)) and (V*B, K) logits.
+        """
+        global_views = self.backbone(torch.cat(crops[:NUM_GLOBAL_CROPS]), masks=masks)
+        local_cls = [self.backbone_cls(crops[NUM_GLOBAL_CROPS:])] if len(crops) > NUM_GLOBAL_CROPS else []
+        return global_views, self.head(torch.cat([global_views.cls, *local_cls]))
 
 
 def build_net(cfg: Config, drop_path_rate: float, mask_token: bool = False) -> StudentTeacherNet:
@@ -145,11 +158,17 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 class SSLMethod(L.LightningModule):
-    """Base for student/teacher methods; subclasses write ``training_step`` like the paper."""
+    """Base for student/teacher methods: the nets, schedules, optimisation and checkpoint state.
+
+    ``methods/dino.py`` composes the training step from parts on top of it.
+    """
 
     # What the data pipeline must deliver to this method (train.py reads these).
     uses_local_crops = True  # False: 2 global views only, data.local_crops_number is ignored
     uses_masks = False  # True: batches carry iBOT block masks for the global views
+    # DINO's collapse ablations of the schedules (Fig. 7, Table 7); each a registered name, not a config value.
+    sharpening = True  # False: the teacher temperature is the student's
+    teacher_momentum = True  # False: momentum 0, the teacher copies the student after every step
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -208,10 +227,14 @@ class SSLMethod(L.LightningModule):
 
     def momentum_at(self, step: int) -> float:
         m = self.cfg.method
+        if not self.teacher_momentum:
+            return 0.0
         return schedules.cosine(step, self.total_steps, m.momentum_teacher, m.momentum_teacher_end)
 
     def teacher_temp_at(self, step: int) -> float:
         m = self.cfg.method
+        if not self.sharpening:
+            return m.student_temp
         if m.teacher_temp_schedule == "per_epoch":  # official DINO: teacher_temp_schedule[epoch]
             return schedules.teacher_temp_per_epoch(step, self.steps_per_epoch, int(m.warmup_teacher_temp_epochs),
                                                     m.warmup_teacher_temp, m.teacher_temp)

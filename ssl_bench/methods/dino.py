@@ -1,69 +1,115 @@
-"""DINO: self-distillation with no labels (Caron et al. 2021, arXiv 2104.14294), and its ablations.
+"""DINO: self-distillation with no labels (Caron et al. 2021, arXiv 2104.14294), composed from parts.
 
 Reference code: facebookresearch/dino ``main_dino.py`` (``train_one_epoch``, ``DINOLoss``).
-Ablations that change control flow are registered names (DESIGN.md habit 3); each
-overrides one hook of :class:`DINO` so the training step below stays the paper's.
-Numbers (teacher temperature and its warmup, center momentum) stay config values.
+:class:`DINO` is the one training step of every registered method: the paper's algorithm box,
+with the teacher targets as a part (``targets``: centering, no centering, Sinkhorn-Knopp) and
+optional loss terms added to DINO's loss (``terms``: iBOT, KoLeo; ``methods/parts.py``). A method
+is a registration that names its parts; control-flow ablations are registered names (DESIGN.md
+habit 3), numbers (temperatures, center momentum, term weights) stay config values.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ssl_bench.config import Config
-from ssl_bench.losses import Centering, NoCentering, dino_cross_entropy, sinkhorn_knopp, teacher_targets
-from ssl_bench.methods.base import METHODS, SSLMethod, ema_update
+from ssl_bench.data.batch import Batch, as_batch
+from ssl_bench.losses import dino_cross_entropy
+from ssl_bench.methods.base import METHODS, DiagnosticInputs, SSLMethod, ema_update
+from ssl_bench.methods.parts import (NUM_GLOBAL_CROPS, CenteringTargets, KoLeo, LossTerm, SinkhornKnoppTargets,
+                                     StepTensors, ZeroCenterTargets, drop_obsolete_centers)
 
-NUM_GLOBAL_CROPS = 2
+__all__ = ["DINO", "NUM_GLOBAL_CROPS"]
 
 
 @METHODS.register("dino", "DINO: EMA teacher, centering + sharpening, multi-crop cross-entropy")
 class DINO(SSLMethod):
-    """DINO as the paper defines it."""
+    """DINO as the paper defines it; subclasses only name other parts.
+
+    State keys: ``centering`` holds the CLS teacher targets whatever their kind (DINOv2 calls the
+    choice ``train.centering`` too), so DINO's checkpoints keep ``centering.center``.
+    """
+
+    targets: ClassVar[type] = CenteringTargets  # .build(method cfg, K) -> probs() / update()
+    terms: ClassVar[tuple[type[LossTerm], ...]] = ()  # optional terms, added to the loss in this order
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.uses_masks = any(term.uses_masks for term in cls.terms)  # read by train.py before building
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.centering = self.build_centering(cfg.method.out_dim)
-
-    def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
-        crops = batch[0]  # 2 global views first, then the local views
-        step = self.global_step
-        teacher_temp = self.teacher_temp_at(step)
-
-        with torch.no_grad():
-            teacher_cls = self.teacher.backbone_cls(crops[:NUM_GLOBAL_CROPS])
-            teacher_logits = self.teacher.head(teacher_cls)
-            targets = self.teacher_probs(teacher_logits, teacher_temp).chunk(NUM_GLOBAL_CROPS)
-        student_logits = self.student(crops).chunk(len(crops))
-        loss = dino_cross_entropy(targets, student_logits, self.cfg.method.student_temp)
-        self.finite.observe(step, "teacher output", teacher_logits)  # the loss itself: in optimize
-
-        schedule = self.optimize(loss, step)
-        self.centering.update(teacher_logits)
-        momentum = self.momentum_at(step)
-        ema_update(self.teacher, self.student, momentum)
-
-        self.offer_diagnostics(targets, student_logits, teacher_cls)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({"train/lr": schedule["lr"], "train/wd": schedule["wd"],
-                       "train/momentum": momentum, "train/teacher_temp": teacher_temp})
-        return loss
-
-    # ----- hooks the ablations override --------------------------------------------
-    def build_centering(self, dim: int) -> Centering:
-        return Centering(dim, self.cfg.method.center_momentum)
+        self.centering = self.targets.build(cfg.method, cfg.method.out_dim)
+        self.loss_terms = [term(cfg.method, self.student, self.teacher) for term in self.terms]
+        for term in self.loss_terms:
+            for name, module in term.modules().items():
+                self.add_module(name, module)
+        self.register_load_state_dict_pre_hook(drop_obsolete_centers)
 
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """(2B, K) targets: centred and sharpened teacher outputs (DINO Eq. 3-4)."""
-        return teacher_targets(teacher_logits, self.centering.center, teacher_temp)
+        """(2B, K) targets of the teacher's global-view logits (also read by ``run/evaluate.py``)."""
+        return self.centering.probs(teacher_logits, teacher_temp)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """One iteration of DINO's Algorithm 1, plus the recipe's optional terms.
+
+        Args: batch: crops V tensors (B, 3, H_v, W_v), 2 global views first; masks (2B, N) or None.
+        """
+        batch, step = as_batch(batch), self.global_step
+        teacher_temp = self.teacher_temp_at(step)
+        with torch.no_grad():  # the teacher sees the global views only
+            teacher, teacher_logits = self.teacher.forward_views(batch.crops[:NUM_GLOBAL_CROPS])
+            targets = self.teacher_probs(teacher_logits, teacher_temp).chunk(NUM_GLOBAL_CROPS)
+        student, student_logits = self.student.forward_views(batch.crops, batch.masks)
+        student_logits = student_logits.chunk(len(batch.crops))
+        losses = {"dino": dino_cross_entropy(targets, student_logits, self.cfg.method.student_temp)}
+        tensors = StepTensors(teacher, student, batch.masks, teacher_temp)
+        losses.update((term.name, term.loss(tensors)) for term in self.loss_terms)
+        self.finite.observe(step, "teacher output", teacher_logits)
+        return self.end_step(step, losses, teacher_logits, DiagnosticInputs(targets, student_logits, teacher.cls),
+                             {"train/teacher_temp": teacher_temp})
+
+    def end_step(self, step: int, losses: dict[str, torch.Tensor], teacher_logits: torch.Tensor,
+                 diagnostics: DiagnosticInputs, logs: dict[str, float]) -> torch.Tensor:
+        """The shared end of every step: weigh and watch the losses, optimise, update the targets, EMA, log.
+
+        Args: losses: scalar losses, ``"dino"`` first, then each term's by name; teacher_logits: (2B, K)
+        teacher outputs of the global views, for the targets' update after the loss (DINO's center).
+        """
+        loss = losses["dino"]
+        for term in self.loss_terms:
+            loss = loss + term.weight() * losses[term.name]
+        if self.loss_terms:  # which term went non-finite; with DINO's loss alone, "loss" (in optimize) says it
+            self.finite.observe(step, "DINO loss", losses["dino"])
+            for term in self.loss_terms:
+                self.finite.observe(step, term.what, losses[term.name])
+        schedule = self.optimize(loss, step)
+        self.centering.update(teacher_logits)
+        for term in self.loss_terms:
+            term.update()
+        momentum = self.momentum_at(step)
+        ema_update(self.teacher, self.student, momentum)
+        self.offer_diagnostics(*diagnostics)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({**self.term_logs(losses), "train/lr": schedule["lr"], "train/wd": schedule["wd"],
+                       "train/momentum": momentum, **logs})
+        return loss
+
+    def term_logs(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        """``train/loss_<name>`` of DINO's loss and each term (only with terms: alone it is train/loss)."""
+        if not self.loss_terms:
+            return {}
+        extra = {key: value for term in self.loss_terms for key, value in term.logs().items()}
+        return {**{f"train/loss_{name}": value for name, value in losses.items()}, **extra}
 
 
 @METHODS.register("dino_no_centering", "DINO ablation: the center stays zero (Fig. 7: entropy -> 0)")
 class DINONoCentering(DINO):
     """DINO without centering; sharpening alone makes one prototype dominate."""
 
-    def build_centering(self, dim: int) -> Centering:
-        return NoCentering(dim, self.cfg.method.center_momentum)
+    targets = ZeroCenterTargets
 
 
 @METHODS.register("dino_no_sharpening",
@@ -71,25 +117,22 @@ class DINONoCentering(DINO):
 class DINONoSharpening(DINO):
     """DINO without sharpening; centering alone pushes the targets to uniform."""
 
-    def teacher_temp_at(self, step: int) -> float:
-        return self.cfg.method.student_temp
+    sharpening = False
 
 
 @METHODS.register("dino_no_centering_no_sharpening",
                   "DINO ablation: neither centering nor sharpening (nothing prevents collapse)")
-class DINONoCenteringNoSharpening(DINONoCentering, DINONoSharpening):
+class DINONoCenteringNoSharpening(DINO):
     """Both ablations at once: the teacher is a plain EMA softmax at the student's temperature."""
+
+    targets, sharpening = ZeroCenterTargets, False
 
 
 @METHODS.register("dino_sinkhorn", "DINO with Sinkhorn-Knopp targets instead of centering (Table 7 row 3)")
 class DINOSinkhorn(DINO):
     """Teacher targets are a balanced Sinkhorn-Knopp assignment; no center is kept."""
 
-    def build_centering(self, dim: int) -> Centering:
-        return NoCentering(dim, self.cfg.method.center_momentum)
-
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return sinkhorn_knopp(teacher_logits, teacher_temp, self.cfg.method.sinkhorn_iterations)
+    targets = SinkhornKnoppTargets
 
 
 @METHODS.register("dino_no_multicrop", "DINO with the 2 global views only (Table 7 row 4)")
@@ -103,5 +146,11 @@ class DINONoMultiCrop(DINO):
 class DINONoMomentum(DINO):
     """Teacher momentum 0: the EMA copies the student after every step."""
 
-    def momentum_at(self, step: int) -> float:
-        return 0.0
+    teacher_momentum = False
+
+
+@METHODS.register("dino_koleo", "DINO + KoLeo on the student's global CLS features (weight method.koleo_weight)")
+class DINOKoLeo(DINO):
+    """DINO with DINOv2's KoLeo regulariser (Oquab et al. 2023, Table 1 row "+ KoLeo")."""
+
+    terms = (KoLeo,)

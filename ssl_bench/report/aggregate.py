@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-COMPLETED = "completed"
+from ssl_bench.tracking.layout import STATUS_COMPLETED as COMPLETED
+
 # Run states a cell names when they keep runs out of its statistics (result.json status, or no record).
 NOT_COUNTED = ("failed", "running", "preempted", "corrupt", "missing")
 

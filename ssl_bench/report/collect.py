@@ -8,12 +8,12 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ssl_bench.config import CorruptRecordError, read_json_record, read_jsonl_counted, torn_lines_text
+from ssl_bench.tracking.layout import CONFIG_FILE, ENV_FILE, EVALS_KEY, METRICS_FILE, RESULT_FILE
+from ssl_bench.tracking.records import CorruptRecordError, read_json_record, read_jsonl_counted, torn_lines_text
 
 MISSING = "missing"
 CORRUPT = "corrupt"  # a record that exists but cannot be read (habit 13: never reported as missing)
 COLLAPSE_FIELDS = ("collapsed", "collapse_step", "collapse_reason", "stopped_early")
-METRICS_FILE = "metrics.jsonl"  # the run directory's per-step log (see ssl_bench.tracking)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -45,9 +45,9 @@ def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for run in expected:
         directory = Path(run["run_dir"])
-        result, result_error = _record(directory / "result.json")
-        env, env_error = _record(directory / "env.json")
-        row = run_row(run, result, env, read_yaml_quiet(directory / "config.yaml"), source=str(directory))
+        result, result_error = _record(directory / RESULT_FILE)
+        env, env_error = _record(directory / ENV_FILE)
+        row = run_row(run, result, env, read_yaml_quiet(directory / CONFIG_FILE), source=str(directory))
         if result_error:
             row["status"], row["error"] = CORRUPT, result_error
         row["env_error"] = env_error
@@ -151,7 +151,7 @@ def read_yaml_quiet(path: Path) -> dict[str, Any] | None:
 def latest_evals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The most recent post-hoc evaluation (``ssl-bench eval``) of each kind in a result.json."""
     latest: dict[str, dict[str, Any]] = {}
-    for entry in (result.get("evals") or {}).values():
+    for entry in (result.get(EVALS_KEY) or {}).values():
         kind = entry.get("kind")
         if kind and str(entry.get("created", "")) >= str(latest.get(kind, {}).get("created", "")):
             latest[kind] = entry

@@ -7,9 +7,9 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from ssl_bench.config import read_jsonl_counted
+from ssl_bench.tracking.layout import METRICS_FILE, ONLINE_KNN_PREFIX
+from ssl_bench.tracking.records import read_jsonl_counted
 
-METRICS_FILE = "metrics.jsonl"  # the run directory's per-step log (see ssl_bench.tracking)
 DEFAULT_CURVES = ("collapse/teacher_entropy", "collapse/kl_teacher_student")
 
 
@@ -55,7 +55,7 @@ def torn_lines_note(curves: pd.DataFrame) -> str | None:
     return torn_text(sum(torn.values()), len(torn))
 
 
-ONLINE_KNN = "knn/top1"  # the online k-NN key in metrics.jsonl (tracking.ONLINE_KNN_PREFIX + "top1")
+ONLINE_KNN = ONLINE_KNN_PREFIX + "top1"  # the online k-NN key in metrics.jsonl
 
 
 def with_knn_endpoints(curves: pd.DataFrame, runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:

@@ -20,9 +20,10 @@ import pandas as pd
 from ssl_bench.config import ConfigError
 from ssl_bench.report.collect import run_row
 from ssl_bench.report.curves import DEFAULT_CURVES
+from ssl_bench.tracking.layout import STATUS_FAILED as FAILED
+from ssl_bench.tracking.layout import STATUS_PREEMPTED as PREEMPTED
+from ssl_bench.tracking.layout import STATUS_RUNNING as RUNNING
 
-# Statuses of result.json (tracking.STATUS_*); tracking imports Lightning, so they are repeated here.
-COMPLETED, RUNNING, FAILED, PREEMPTED = "completed", "running", "failed", "preempted"
 UNKNOWN = "unknown"  # a W&B run that ended without the final record ssl-bench writes to its summary
 # Run-level keys the mirror adds to the resolved config (wandb_mirror.run_config).
 MIRROR_CONFIG_KEYS = ("env", "run_id", "run_dir")
@@ -31,7 +32,7 @@ MIRROR_CONFIG_KEYS = ("env", "run_id", "run_dir")
 NOT_METRICS = ("status", "error", "epoch")
 # W&B run states without our summary status -> result.json status. ``finished`` without a status
 # means the process exited before publish_result (e.g. killed between training and the final
-# record), so nothing says whether it completed: UNKNOWN, never COMPLETED.
+# record), so nothing says whether it completed: UNKNOWN, never "completed".
 STATE_STATUS = {"running": RUNNING, "pending": RUNNING, "crashed": FAILED, "failed": FAILED, "killed": FAILED,
                 "preempting": PREEMPTED, "preempted": PREEMPTED, "finished": UNKNOWN}
 # The step of a history row, best first: Lightning's WandbLogger logs ``trainer/global_step`` with

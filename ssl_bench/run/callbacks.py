@@ -1,12 +1,12 @@
-"""Lightning callbacks of a run: atomic checkpoints, preemption, progress lines, collapse diagnostics, online k-NN."""
+"""Lightning callbacks of a run: progress lines, heartbeat, collapse diagnostics, initial and online k-NN.
+
+Checkpoints are in ``run.checkpoints``, preemption in ``run.preemption``, the non-finite guard in ``run.guard``.
+"""
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -14,260 +14,6 @@ from lightning.pytorch.callbacks import Callback
 
 from ssl_bench import dist, tracking
 from ssl_bench.eval import collapse
-from ssl_bench.methods.finite import FiniteWatch, NonFiniteError
-
-# ---- preemption: a request flag a signal handler may set --------------------------------------------
-
-_state = {"requested": False, "training": False}
-
-
-class Preempted(Exception):
-    """Training stopped on a preemption request; ``checkpoints/last.ckpt`` holds step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"preempted: checkpoint saved at step {step}")
-        self.step = step
-
-
-def request_preemption_checkpoint() -> None:
-    """Ask the training loop to checkpoint at the end of the current step and stop (safe in a signal handler)."""
-    _state["requested"] = True
-
-
-def preemption_requested() -> bool:
-    return _state["requested"]
-
-
-def clear_preemption_request() -> None:
-    _state["requested"] = False
-
-
-def training_active() -> bool:
-    """True while the training loop runs, i.e. while a request is answered at the end of the current step."""
-    return _state["training"]
-
-
-def agreed_preemption(device: torch.device, also: bool = False) -> bool:
-    """Whether any rank has a preemption request (or ``also``): all-reduce max, so every rank stops at the same step."""
-    requested = preemption_requested() or also
-    if not dist.is_distributed():
-        return requested  # no device tensor, no synchronisation in one process
-    flag = torch.tensor([1.0 if requested else 0.0], device=device)
-    return bool(dist.all_reduce_max(flag).item() > 0)
-
-
-# ---- divergence: a non-finite value ends the run with its step -------------------------------------------
-
-
-class NonFiniteGuard(Callback):
-    """Fail the run at the first non-finite loss term, gradient norm, teacher output or weight (habit 11).
-
-    The method records those on the device (``SSLMethod.finite``, :class:`~ssl_bench.methods.finite.FiniteWatch`);
-    this callback reads the record back, which syncs with the device, only at log steps, at the steps
-    the collapse diagnostics sample (they sync anyway), before every checkpoint write and at the end;
-    in one CPU process, where a read costs nothing, after every step. Under DDP every rank reads at the
-    same steps and the record is all-reduced, so all ranks raise at the same step. It must come before
-    the callbacks that measure the step (diagnostics) and before the checkpoint callback.
-
-    Raises :class:`~ssl_bench.methods.finite.NonFiniteError` ("non-finite <what> at step N").
-    """
-
-    def __init__(self, every_n_steps: int) -> None:
-        self.every = max(every_n_steps, 1)
-        self._skipped_logged = 0
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        every_step = pl_module.device.type == "cpu" and not dist.is_distributed()
-        if every_step or step % self.every == 0 or pl_module.diagnostics_wanted:
-            self.check(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.check(trainer, pl_module)
-
-    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, weights: bool = False) -> None:
-        """Raise if anything recorded so far (with ``weights``: or any parameter now) is non-finite."""
-        watch = pl_module.finite
-        if weights:
-            watch.observe_weights(trainer.global_step, [pl_module.student, pl_module.teacher])
-        verdict = watch.verdict()
-        self._log_skips(trainer, watch)
-        if verdict is None:
-            return
-        detail = ""
-        if verdict.what.startswith("gradient norm (fp16"):
-            detail = f"train.fp16_max_consecutive_skips={watch.max_consecutive_skips}"
-        error = NonFiniteError(verdict.what, verdict.step, detail)
-        if trainer.is_global_zero:
-            print(f"[ssl-bench] {error}: stopping; checkpoints/ keeps the last finite checkpoint", flush=True)
-        raise error
-
-    def _log_skips(self, trainer: L.Trainer, watch: FiniteWatch) -> None:
-        """Log the fp16 skipped-step count when it changed (only where a GradScaler is active)."""
-        if getattr(trainer.precision_plugin, "scaler", None) is None:
-            return
-        skipped = watch.skipped_steps()
-        if skipped != self._skipped_logged and trainer.is_global_zero:  # progress lines print it
-            for logger in trainer.loggers:
-                logger.log_metrics({tracking.FP16_SKIPPED_STEPS: float(skipped)}, trainer.global_step)
-        self._skipped_logged = skipped
-
-
-# ---- atomic checkpoints with a fallback ----------------------------------------------------------------
-
-
-def save_checkpoint_atomically(trainer: L.Trainer, directory: Path) -> None:
-    """Write ``last.ckpt`` via a temp file + ``os.replace``, keeping the one it replaces as ``previous.ckpt``.
-
-    Every rank calls this (Lightning gathers the state on all ranks and writes on rank 0). The
-    old last.ckpt is hard-linked to previous.ckpt before the new one replaces it, so a crash at
-    any point leaves a complete last.ckpt and, after the first save, a complete previous.ckpt.
-    """
-    directory = Path(directory)
-    last, previous = directory / tracking.LAST_CHECKPOINT, directory / tracking.PREVIOUS_CHECKPOINT
-    tmp = directory / f".{last.name}.tmp"
-    trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimizer, loops, callbacks
-    if not trainer.is_global_zero:
-        return
-    _fsync(tmp)
-    if last.exists():
-        _keep_as(last, previous)
-    os.replace(tmp, last)
-    _fsync(directory)
-
-
-def _keep_as(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-        os.replace(tmp, target)
-    except OSError:  # no hard links on this filesystem: a moment without last.ckpt, but previous.ckpt is whole
-        os.replace(source, target)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class AtomicLastCheckpoint(Callback):
-    """``checkpoints/last.ckpt`` at every epoch end and every N optimizer steps, and on preemption.
-
-    Mid-epoch saves happen at ``on_train_batch_end``, like Lightning's ModelCheckpoint with
-    ``every_n_train_steps``, so Lightning's loops restart after that batch and the
-    ResumableLoader's position skips the batches already trained on. A preemption request
-    (agreed across ranks every step) saves at once and sets ``trainer.should_stop``;
-    ``stopped_at`` then holds the step and ``train.run`` raises :class:`Preempted` when fit returns.
-    This callback must come last, after the callbacks whose state or log lines the checkpoint covers.
-
-    Args:
-        directory: the run's checkpoints/ folder.
-        every_n_steps: mid-epoch cadence in optimizer steps; 0 = epoch ends only.
-        guard: checked before every write, so non-finite weights never replace a finite last.ckpt.
-    """
-
-    def __init__(self, directory: Path, every_n_steps: int = 0, guard: Optional[NonFiniteGuard] = None) -> None:
-        self.directory = Path(directory)
-        self.every = every_n_steps
-        self.guard = guard
-        self.stopped_at: Optional[int] = None
-        self.save_seconds: list[float] = []
-
-    @property
-    def path(self) -> Path:
-        return self.directory / tracking.LAST_CHECKPOINT
-
-    def save(self, trainer: L.Trainer) -> None:
-        """Write the checkpoint; with a guard, only state that is finite (else the guard raises first)."""
-        if self.guard is not None:
-            self.guard.check(trainer, trainer.lightning_module, weights=True)
-        start = time.perf_counter()
-        save_checkpoint_atomically(trainer, self.directory)
-        self.save_seconds.append(time.perf_counter() - start)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _state["training"] = True
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _state["training"] = False
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        _state["training"] = False
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        # A SIGTERM (scancel, SLURM preemption) makes Lightning raise SIGTERMException after this hook:
-        # checkpoint this step first, so no finished step is lost (train.run turns it into Preempted).
-        if agreed_preemption(pl_module.device, also=trainer.received_sigterm):
-            self.save(trainer)
-            self.stopped_at = step
-            trainer.should_stop = True
-            if trainer.is_global_zero:
-                print(f"[ssl-bench] preemption: checkpoint of step {step} saved in {self.path}; stopping", flush=True)
-            return
-        ends_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        ends_run = 0 < trainer.max_steps <= step
-        if self.every and step % self.every == 0 and not (ends_epoch or ends_run):  # the epoch end saves those
-            self.save(trainer)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.stopped_at is None:  # a preempted epoch is not finished: its mid-epoch checkpoint stays
-            self.save(trainer)
-
-
-@dataclass
-class ResumePoint:
-    """A loadable checkpoint of this run and where in training it was taken."""
-
-    path: Path
-    name: str  # "last" or "previous"
-    step: int  # optimizer steps done
-    epoch: int
-    batch: int  # batches of ``epoch`` done
-    batches_per_epoch: int
-    problems: list[str] = field(default_factory=list)  # why earlier candidates were passed over
-
-
-def find_resume_checkpoint(directory: Path, run_id: str, log: Callable[[str], None] = print) -> ResumePoint | None:
-    """``checkpoints/last.ckpt`` if it loads and belongs to ``run_id``, else ``previous.ckpt``, else None.
-
-    Every problem is passed to ``log`` as one line naming the file and the reason.
-    """
-    problems: list[str] = []
-    names = (tracking.LAST_CHECKPOINT, tracking.PREVIOUS_CHECKPOINT)
-    for i, name in enumerate(names):
-        path = Path(directory) / tracking.CHECKPOINT_DIR / name
-        try:
-            return describe_checkpoint(path, run_id, problems)
-        except Exception as exc:  # truncated zip, unpickling error, missing file or key: all mean "not usable"
-            reason = "missing" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
-            problems.append(f"{tracking.CHECKPOINT_DIR}/{name}: {reason}")
-            then = f"falling back to {tracking.CHECKPOINT_DIR}/{names[i + 1]}" if i + 1 < len(names) else "none left"
-            log(f"[ssl-bench] cannot resume from {path}: {reason.splitlines()[0][:300]}; {then}")
-    return None
-
-
-def describe_checkpoint(path: Path, run_id: str, problems: list[str] = ()) -> ResumePoint:
-    """Load ``path`` as this run's training checkpoint (raises if it is unreadable or another run's)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    owner = checkpoint.get("ssl_bench", {}).get("run_id")
-    if owner != run_id:
-        raise ValueError(f"checkpoint of run {owner!r}, not {run_id!r}")
-    for key in ("state_dict", "optimizer_states", "loops"):
-        if key not in checkpoint:
-            raise KeyError(f"no {key!r}: not a full training checkpoint")
-    loaders = checkpoint["loops"]["fit_loop"]["state_dict"].get("combined_loader") or [{}]
-    position = loaders[0]
-    return ResumePoint(Path(path), Path(path).stem, int(checkpoint["global_step"]),
-                       int(position.get("epoch", checkpoint.get("epoch", 0))), int(position.get("batches", 0)),
-                       int(position.get("batches_per_epoch", 0)), list(problems))
-
 
 class ProgressLines(Callback):
     """Plain progress lines (step, loss, img/s, ETA) for logs where a tqdm bar is unreadable, e.g. SLURM."""
@@ -382,11 +128,9 @@ class CollapseDiagnostics(Callback):
 
 def measure(targets: list[torch.Tensor], student_logits: list[torch.Tensor], teacher_cls: torch.Tensor,
             student_temp: float) -> dict[str, float]:
-    """The four diagnostics of one step, keyed by their metrics.jsonl names."""
-    return {tracking.TEACHER_ENTROPY: collapse.target_entropy(torch.cat(targets)),
-            tracking.KL_TEACHER_STUDENT: collapse.kl_teacher_student(targets, student_logits, student_temp),
-            tracking.RANKME: collapse.rankme(teacher_cls),
-            tracking.FEATURE_STD: collapse.feature_std(teacher_cls)}
+    """The four diagnostics of one step, keyed by their metrics.jsonl names (``tracking.TEACHER_ENTROPY``...)."""
+    values = collapse.diagnostics(targets, student_logits, teacher_cls, student_temp)
+    return {tracking.COLLAPSE_PREFIX + name: value for name, value in values.items()}
 
 
 class InitialKNN(Callback):

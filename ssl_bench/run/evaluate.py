@@ -1,7 +1,7 @@
-"""Post-hoc evaluation of a run directory or a checkpoint: ``ssl-bench eval knn|linear|attention|collapse``.
+"""Post-hoc evaluation of a run directory or a checkpoint with any protocol registered in ``eval/``.
 
 The one place that wires a checkpoint (ssl-bench, official DINO or DINOv2), the data of a config and
-the protocols of ``eval/``. Each evaluation is recorded with its protocol, the checkpoint's weight
+the protocols of ``eval/`` (``ssl_bench.eval.protocol.PROTOCOLS``). Each evaluation is recorded with its protocol, the checkpoint's weight
 hash and the code version: in the run directory for ssl-bench runs (``evals/`` and
 ``result.json["evals"]``), under ``<runs_root>/imported/<name>-<sha>/`` for imported checkpoints.
 """
@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,11 +22,13 @@ import torch
 from ssl_bench import config as config_lib
 from ssl_bench import repro, tracking
 from ssl_bench.backbones import Backbone
-from ssl_bench.backbones.checkpoints import CheckpointInfo, load_backbone
+from ssl_bench.backbones.checkpoints import CheckpointInfo
 from ssl_bench.eval.features import FeatureCache
+from ssl_bench.eval.protocol import EvalContext, MethodOutputs, Outcome, Protocol, protocols
+from ssl_bench.run.checkpoints import load_run_backbone
+from ssl_bench.run.progress import feature_progress
 
 IMPORTED_STUDY = "imported"  # study folder under runs_root for checkpoints trained elsewhere
-EVAL_SIZE_KEYS = ("data.eval_resize", "data.eval_crop_size")
 
 
 @dataclass
@@ -118,8 +121,8 @@ def imported_backbone_overrides(section: dict[str, Any], path: Path):
 
 def _load(path: Path, backbone_cfg, key: str, num_heads: int | None = None) -> tuple[Backbone, CheckpointInfo]:
     try:
-        return load_backbone(path, backbone_cfg, key=key, num_heads=num_heads,
-                             log=lambda line: print(line, flush=True))
+        return load_run_backbone(path, backbone_cfg, key=key, num_heads=num_heads,
+                                 log=lambda line: print(line, flush=True))
     except (ValueError, KeyError, OSError) as exc:
         raise config_lib.ConfigError(str(exc)) from exc
 
@@ -128,14 +131,6 @@ def native_size(backbone: Backbone, info: CheckpointInfo) -> int:
     """The resolution a checkpoint was trained at: the ViT position grid, else DINO's 224."""
     size = info.backbone.img_size if backbone.is_vit else None
     return int(size) if size else 224
-
-
-def check_eval_size(target: Target) -> None:
-    """A ViT needs an eval crop that is a multiple of its patch size."""
-    crop, patch = target.cfg.data.eval_crop_size, target.backbone.patch_size
-    if patch and crop % patch:
-        raise config_lib.ConfigError(f"data.eval_crop_size={crop} is not a multiple of the backbone's patch size "
-                                     f"{patch}; choose e.g. {crop - crop % patch} or {crop - crop % patch + patch}")
 
 
 def device_of(name: str | None) -> torch.device:
@@ -179,61 +174,35 @@ def timed(start: float) -> dict[str, float]:
     return {"wall_s": round(time.time() - start, 2), "peak_rss_mb": round(repro.peak_rss_mb(), 1)}
 
 
-# ----- the four protocols -------------------------------------------------------------------
-def eval_knn(target: Target, device: torch.device, use_cache: bool = True) -> dict[str, Any]:
-    """DINO k-NN of the target's backbone on ``cfg.data``; features cached under the record dir."""
-    from ssl_bench.eval.knn_protocol import run_knn
-    from ssl_bench.run.train import feature_progress
+def evaluate(target: Target, name: str, device: torch.device, **options: Any) -> Outcome:
+    """Run the registered protocol ``name`` on ``target`` and record it; ``options`` replace its argument defaults."""
+    protocol = protocols().get(name)
+    return run_protocol(target, protocol, device, protocol.defaults(**options))
 
-    check_eval_size(target)
+
+def run_protocol(target: Target, protocol: Protocol, device: torch.device, opts: SimpleNamespace) -> Outcome:
+    """The backbone on ``device``, the protocol's run, then its record (``Outcome.record`` is its path)."""
     start = time.time()
     target.backbone.to(device)
-    outcome = run_knn(target.cfg, target.backbone, cache=target.cache if use_cache else None,
-                      weights=target.info.weights_sha256, device=device,
-                      progress=lambda label: feature_progress(target.cfg, label),
-                      log=lambda line: print(line, flush=True))
-    path = record(target, "knn", outcome.metrics, outcome.protocol, {**outcome.timing, **timed(start)},
-                  {"feature_cache_hits": outcome.cache_hits})
-    return {"metrics": outcome.metrics, "protocol": outcome.protocol, "record": path}
+    out = protocol.run(context(target, device), opts)
+    out.record = record(target, protocol.name, out.metrics, out.protocol, {**out.timing, **timed(start)}, out.extra)
+    return out
 
 
-def eval_linear(target: Target, device: torch.device) -> dict[str, Any]:
-    """The linear-probe grid (lrs x blocks x avgpool), head chosen on a held-out train split."""
-    from ssl_bench.eval.linear import linear_probe
-
-    check_eval_size(target)
-    start = time.time()
-    target.backbone.to(device)
-    result = linear_probe(target.backbone, target.cfg, device=device, progress=lambda line: print(line, flush=True))
-    chosen = result.chosen
-    metrics = {"linear_top1": chosen["test_top1"], "linear_top5": chosen["test_top5"],
-               "linear_val_top1": chosen["val_top1"]}
-    path = record(target, "linear", metrics, result.protocol, {**result.timing, **timed(start)},
-                  {"chosen": chosen, "grid": result.grid})
-    return {"metrics": metrics, "protocol": result.protocol, "chosen": chosen, "grid": result.grid, "record": path}
-
-
-def eval_collapse(target: Target, device: torch.device, batches: int = 4) -> dict[str, Any]:
-    """Teacher entropy, KL(teacher || student), RankMe and feature std, with the code the training logs use.
-
-    Runs (with head, center and student) are measured on ``batches`` multi-crop batches of their own
-    training pipeline; backbone-only checkpoints have no head, so only RankMe and feature std (on the
-    eval-preprocessed test split) can be measured and entropy/KL are recorded as unavailable.
-    """
-    start = time.time()
-    if target.is_run:
-        metrics, protocol = _collapse_of_run(target, device, batches)
-    else:
-        metrics, protocol = _collapse_of_backbone(target, device)
-    path = record(target, "collapse", metrics, protocol, timed(start))
-    return {"metrics": metrics, "protocol": protocol, "record": path}
+def context(target: Target, device: torch.device) -> EvalContext:
+    """What a protocol sees of the target; the trained method is reachable (lazily) for runs only."""
+    return EvalContext(target.cfg, target.backbone, device, target.info.weights_sha256, target.cache,
+                       target.record_dir, target.info.backbone.name,
+                       progress=lambda label: feature_progress(target.cfg, label),
+                       log=lambda line: print(line, flush=True),
+                       method_outputs=(lambda n: method_outputs(target, device, n)) if target.is_run else None)
 
 
 @torch.no_grad()
-def _collapse_of_run(target: Target, device: torch.device, batches: int) -> tuple[dict, dict]:
+def method_outputs(target: Target, device: torch.device, batches: int) -> MethodOutputs:
+    """The run's method, loaded from its checkpoint in eval mode, on ``batches`` batches of its training pipeline."""
     from itertools import islice
 
-    from ssl_bench.run.callbacks import measure
     from ssl_bench.methods import build_method
     from ssl_bench.run.train import build_datamodule
 
@@ -248,74 +217,13 @@ def _collapse_of_run(target: Target, device: torch.device, batches: int) -> tupl
     loader = build_datamodule(cfg, method).train_dataloader()
     views: tuple[list, list, list] = ([], [], [])
     for batch in islice(loader, batches):
-        crops = [c.to(device) for c in batch[0]]
+        crops = [c.to(device) for c in batch.crops]
         teacher_cls = method.teacher.backbone_cls(crops[:2])
-        targets = method.teacher_probs(method.teacher.head(teacher_cls), teacher_temp).chunk(2)
-        views[0].append(targets)
+        views[0].append(method.teacher_probs(method.teacher.head(teacher_cls), teacher_temp).chunk(2))
         views[1].append(method.student(crops).chunk(len(crops)))
         views[2].append(teacher_cls)
     if not views[2]:
         raise config_lib.ConfigError(f"{target.record_dir}: the training set gives no full batch of "
                                      f"data.batch_size={cfg.data.batch_size}")
-    targets = [torch.cat(v) for v in zip(*views[0])]
-    student = [torch.cat(v) for v in zip(*views[1])]
-    values = measure(targets, student, torch.cat(views[2]), cfg.method.student_temp)
-    metrics = {key.split("/")[-1]: round(v, 6) for key, v in values.items()}
-    protocol = {"batches": len(views[2]), "images": len(views[2]) * cfg.data.batch_size,
-                "views": f"{len(student)} crops per image from the run's training pipeline (seed {cfg.seed})",
-                "teacher_temp": teacher_temp, "student_temp": cfg.method.student_temp, "mode": "eval (no drop path)",
-                "targets": f"{cfg.method.name} teacher targets with the checkpoint's center",
-                "rankme_features": "teacher CLS of the global crops",
-                "follows": "DINO Fig. 7 (entropy, KL); RankMe (Garrido et al. 2023)"}
-    return metrics, protocol
-
-
-def _collapse_of_backbone(target: Target, device: torch.device) -> tuple[dict, dict]:
-    from ssl_bench.data import eval_loaders
-    from ssl_bench.eval import collapse
-    from ssl_bench.eval.features import cached_features
-    from ssl_bench.eval.knn_protocol import feature_spec
-
-    check_eval_size(target)
-    cfg = target.cfg
-    target.backbone.to(device)
-    _, test_loader = eval_loaders(cfg)
-    features, _, _ = cached_features(target.backbone, test_loader, feature_spec(cfg, "test", cfg.eval.test_subset),
-                                     target.cache, target.info.weights_sha256, device)
-    metrics = {"teacher_entropy": None, "kl_teacher_student": None,
-               "rankme": round(collapse.rankme(features), 6), "feature_std": round(collapse.feature_std(features), 6)}
-    protocol = {"images": len(features), "data": f"{cfg.data.name} test, eval preprocessing "
-                f"{cfg.data.eval_resize}/{cfg.data.eval_crop_size}", "rankme_features": "backbone CLS",
-                "unavailable": "teacher entropy and KL need the DINO head, which a backbone-only checkpoint lacks",
-                "follows": "RankMe (Garrido et al. 2023)"}
-    return metrics, protocol
-
-
-def eval_attention(target: Target, images: list[str], device: torch.device, output: str | None = None,
-                   image_size: int | None = None, threshold: float | None = None) -> dict[str, Any]:
-    """PNG maps of the last block's CLS attention per head for each image (DINO's Fig. 1 / visualize_attention)."""
-    from ssl_bench.data import dataset_info
-    from ssl_bench.eval.attention import cls_attention_maps, load_image, save_attention_maps
-
-    if not target.backbone.is_vit:
-        raise config_lib.ConfigError(f"attention maps need a ViT; {target.info.backbone.name!r} has no attention")
-    size = image_size or target.cfg.data.eval_crop_size
-    patch = target.backbone.patch_size
-    if size % patch:
-        raise config_lib.ConfigError(f"--image-size {size} is not a multiple of the patch size {patch}")
-    info = dataset_info(target.cfg.data.name)
-    out_dir = Path(output) if output else target.record_dir / "attention"
-    start = time.time()
-    target.backbone.to(device).eval()
-    written: list[Path] = []
-    for image_path in images:
-        image = load_image(image_path, size, info.mean, info.std)
-        maps = cls_attention_maps(target.backbone, image.unsqueeze(0).to(device))[0].cpu()
-        written += save_attention_maps(image, maps, out_dir, Path(image_path).stem, patch, info.mean, info.std,
-                                       threshold=threshold)
-    protocol = {"images": [str(p) for p in images], "image_size": size, "patch_size": patch,
-                "heads": int(maps.shape[0]), "attention": "last block, CLS query over patch tokens, per head",
-                "threshold": threshold, "normalisation": f"{target.cfg.data.name} mean/std",
-                "follows": "DINO visualize_attention.py"}
-    record(target, "attention", {}, protocol, timed(start), {"files": [str(p) for p in written]})
-    return {"files": written, "protocol": protocol}
+    return MethodOutputs([torch.cat(v) for v in zip(*views[0])], [torch.cat(v) for v in zip(*views[1])],
+                         torch.cat(views[2]), len(views[2]), teacher_temp)

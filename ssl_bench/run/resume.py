@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from ssl_bench import config as config_lib
 from ssl_bench import repro, tracking
-from ssl_bench.run.callbacks import ResumePoint, find_resume_checkpoint
+from ssl_bench.run.checkpoints import ResumePoint, find_resume_checkpoint
 
 
 @dataclass

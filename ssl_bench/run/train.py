@@ -20,9 +20,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssl_bench import config as config_lib
 from ssl_bench import dist, repro, tracking
-from ssl_bench.run import speed
-from ssl_bench.run.callbacks import (AtomicLastCheckpoint, CollapseDiagnostics, Heartbeat, InitialKNN, NonFiniteGuard,
-                                 OnlineKNN, Preempted, ProgressLines, agreed_preemption)
 from ssl_bench.data import SSLDataModule, dataset_info
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
@@ -30,6 +27,12 @@ from ssl_bench.eval.features import FeatureCache, weights_sha256
 from ssl_bench.eval.knn_protocol import run_knn
 from ssl_bench.methods import build_method
 from ssl_bench.methods.finite import NonFiniteError
+from ssl_bench.run import speed
+from ssl_bench.run.callbacks import CollapseDiagnostics, Heartbeat, InitialKNN, OnlineKNN, ProgressLines
+from ssl_bench.run.checkpoints import AtomicLastCheckpoint
+from ssl_bench.run.guard import NonFiniteGuard
+from ssl_bench.run.preemption import Preempted, agreed_preemption
+from ssl_bench.run.progress import feature_progress
 from ssl_bench.run.resume import Attempt, plan_resume, start_attempt
 
 
@@ -50,7 +53,7 @@ def run(cfg: config_lib.Config, force: bool = False) -> RunResult:
     An unfinished attempt (result.json running/failed/preempted, or none) that left a loadable
     checkpoint of this run id is continued from it (``train.resume``); ``force`` archives the old
     attempt, checkpoints included, and starts over. A stop on a preemption request is recorded as
-    status "preempted" and :class:`~ssl_bench.run.callbacks.Preempted` is re-raised for the launcher.
+    status "preempted" and :class:`~ssl_bench.run.preemption.Preempted` is re-raised for the launcher.
     """
     run_id = config_lib.run_id(cfg)
     directory = config_lib.run_dir(cfg)
@@ -282,7 +285,9 @@ def build_trainer(cfg: config_lib.Config, run_dir: tracking.RunDir, extra: list[
     if "SUBMITIT_EXECUTOR" in os.environ:
         # In a submitit job, submitit and launch/jobs.py own SIGTERM and USR2 (checkpoint at the step end,
         # then requeue). Lightning's SIGTERM handler would end training without a checkpoint and, under
-        # DDP, broadcast from inside the signal handler.
+        # DDP, broadcast from inside the signal handler. Private Lightning API, on purpose: Lightning 2.x
+        # has no public switch that leaves SIGTERM to the caller (SLURMEnvironment(auto_requeue=False)
+        # only drops its requeue handler).
         trainer._signal_connector.register_signal_handlers = lambda: None
     return trainer
 
@@ -312,39 +317,6 @@ def knn_metrics(cfg: config_lib.Config, backbone: torch.nn.Module, suffix: str, 
                       progress=lambda label: feature_progress(cfg, label),
                       log=lambda line: print(line, flush=True) if dist.rank() == 0 else None)
     return outcome.metrics, outcome.protocol
-
-
-def feature_progress(cfg: config_lib.Config, label: str):
-    """A progress callback for feature extraction: a tqdm bar, or with bars off (batch jobs) a plain
-    line at every 10% of the batches, so a long extraction is never silent."""
-    if not cfg.tracking.progress_bar:
-        return _progress_lines(f"k-NN {label}") if dist.rank() == 0 else None
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=f"k-NN {label}", unit="batch", leave=False)
-        bar.update(1)
-        if done == total:
-            bar.close()
-
-    return update
-
-
-def _progress_lines(label: str):
-    start = time.time()
-
-    def update(done: int, total: int) -> None:
-        step = max(total // 10, 1)
-        if total > 0 and (done % step == 0 or done == total):
-            elapsed = time.time() - start
-            eta = elapsed / done * (total - done)
-            print(f"[ssl-bench] {label}: {done}/{total} batches, {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
-
-    return update
 
 
 def _last_logged(trainer: L.Trainer, key: str, directory: Path) -> float | None:

@@ -256,7 +256,8 @@ def test_datamodule_batches_and_steps(workers):
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert dm.steps_per_epoch == len(loader) == 100 // 16 == 6
-    crops, labels = next(iter(loader))
+    crops, labels, masks = next(iter(loader))
+    assert masks is None
     assert len(crops) == 4 and labels.shape == (16,) and labels.dtype == torch.int64
     assert [tuple(c.shape) for c in crops] == [(16, 3, 32, 32)] * 2 + [(16, 3, 16, 16)] * 2
 

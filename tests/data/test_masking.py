@@ -216,6 +216,6 @@ def test_datamodule_masks_reproducible_under_seed_everything(tiny_tree, workers)
 
 
 def test_datamodule_without_multicrop_or_masks(tiny_cfg):
-    crops, labels = first_batch(SSLDataModule(tiny_cfg, local_crops_number=0))
-    assert [tuple(c.shape) for c in crops] == [(8, 3, 16, 16)] * 2 and labels.shape == (8,)
+    crops, labels, masks = first_batch(SSLDataModule(tiny_cfg, local_crops_number=0))
+    assert [tuple(c.shape) for c in crops] == [(8, 3, 16, 16)] * 2 and labels.shape == (8,) and masks is None
     assert tiny_cfg.data.local_crops_number == 2  # the override leaves the config alone

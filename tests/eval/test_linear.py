@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from ssl_bench import config as config_lib
 from ssl_bench.backbones.timm_backbone import build_backbone
 from ssl_bench.config import LinearConfig
-from ssl_bench.eval import linear
-from ssl_bench.eval.linear import (FeatureChoice, HeadSpec, LinearHeads, StackedSGD, evaluate_heads, frozen_features,
-                                   head_grid, held_out_split, linear_inputs, linear_probe, lr_factor, probe_heads,
-                                   select_head, train_heads)
+from ssl_bench.eval import linear, linear_heads
+from ssl_bench.eval.linear import frozen_features, held_out_split, linear_inputs, linear_probe
+from ssl_bench.eval.linear_heads import (FeatureChoice, HeadSpec, LinearHeads, StackedSGD, evaluate_heads, head_grid,
+                                         lr_factor, probe_heads, select_head, train_heads)
 from tests.conftest import TINY
 
 C1 = FeatureChoice(1, False)
@@ -67,8 +67,8 @@ def test_selection_ignores_test_labels():
 
 def test_test_source_is_touched_only_after_selection(monkeypatch):
     events = []
-    real_select = linear.select_head
-    monkeypatch.setattr(linear, "select_head", lambda *a: events.append("select") or real_select(*a))
+    real_select = linear_heads.select_head
+    monkeypatch.setattr(linear_heads, "select_head", lambda *a: events.append("select") or real_select(*a))
 
     def test_source():
         if "select" not in events:
@@ -183,8 +183,8 @@ def probe_cfg(tmp_path, **linear_kw):
 @pytest.mark.parametrize("augment", [True, False])
 def test_linear_probe_end_to_end_vit(tmp_path, monkeypatch, augment):
     events, lines = [], []
-    real_select, real_test = linear.select_head, linear.probe_test_set
-    monkeypatch.setattr(linear, "select_head", lambda *a: events.append("select") or real_select(*a))
+    real_select, real_test = linear_heads.select_head, linear.probe_test_set
+    monkeypatch.setattr(linear_heads, "select_head", lambda *a: events.append("select") or real_select(*a))
     monkeypatch.setattr(linear, "probe_test_set", lambda cfg: events.append("test") or real_test(cfg))
     tree = config_lib.deep_merge(probe_cfg(tmp_path, augment=augment), {"backbone": {"depth": 4}})
     cfg = config_lib.build_config(tree)
@@ -260,8 +260,8 @@ def test_linear_probe_refuses_a_backbone_that_outputs_nan(tmp_path, monkeypatch,
     from ssl_bench.eval.finite import NonFiniteFeaturesError
 
     events = []
-    real_select = linear.select_head
-    monkeypatch.setattr(linear, "select_head", lambda *a: events.append("select") or real_select(*a))
+    real_select = linear_heads.select_head
+    monkeypatch.setattr(linear_heads, "select_head", lambda *a: events.append("select") or real_select(*a))
     cfg = config_lib.build_config(config_lib.deep_merge(probe_cfg(tmp_path, augment=augment, lrs=[0.01, 0.1]),
                                                         {"backbone": {"depth": 4}}))
     bb = build_backbone(cfg.backbone)
@@ -284,8 +284,8 @@ def test_linear_probe_refuses_nan_in_val_or_test_features(tmp_path, monkeypatch,
                                                         {"backbone": {"depth": 4}}))
     bb = build_backbone(cfg.backbone)
     name = "train_heads" if poisoned == "val" else "select_head"
-    real = getattr(linear, name)
-    monkeypatch.setattr(linear, name, lambda *a, **k: (real(*a, **k), nan_on_first_sample(bb))[0])
+    real = getattr(linear_heads, name)
+    monkeypatch.setattr(linear_heads, name, lambda *a, **k: (real(*a, **k), nan_on_first_sample(bb))[0])
     with pytest.raises(NonFiniteFeaturesError) as info:
         linear_probe(bb, cfg)
     assert (info.value.what, info.value.bad_rows, info.value.rows, info.value.nan) == (what, 1, rows, PER_SAMPLE)

@@ -113,6 +113,9 @@ def test_distributed_env_from_allocation():
     assert distributed_env({"SLURM_JOB_ID": "3", "SLURM_JOB_NODELIST": "gpu[07,09]", "MASTER_ADDR": "x"}) == {
         "MASTER_PORT": "20003"}
     assert distributed_env({}) == {}
+    for nodelist, first in (("gpu[07,09]", "gpu07"), ("a[3-4],b[1-2]", "a3"), ("node1,node2", "node1"),
+                            ("n[001-004]", "n001"), ("solo", "solo")):  # Lightning's parser, as SLURM lists nodes
+        assert distributed_env({"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": nodelist})["MASTER_ADDR"] == first
 
 
 def test_profile_fields_documented_in_example():

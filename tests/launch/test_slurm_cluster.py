@@ -16,7 +16,7 @@ import yaml
 
 from ssl_bench import config as config_lib
 from ssl_bench.run import train
-from ssl_bench.launch import slurm
+from ssl_bench.launch import submissions
 from ssl_bench.launch.grid import load_study
 from ssl_bench.launch.status import study_status
 from tests.launch.conftest import release_held, squeue_state, wait_for
@@ -40,7 +40,7 @@ def cli(cluster, *args: str, cwd: Path, timeout: float = 600) -> subprocess.Comp
 
 
 def job_ids(study_file: Path) -> dict[str, str]:
-    return {r: j["job_id"] for r, j in slurm.latest_jobs(load_study(study_file)).items()}
+    return {r: j["job_id"] for r, j in submissions.latest_jobs(load_study(study_file)).items()}
 
 
 def steps_logged(run_dir: Path) -> int:
@@ -61,7 +61,7 @@ def test_array_of_two_node_ddp_runs_with_wandb(slurm_cluster, tmp_path, tiny_tre
     assert "evals job" in out.stdout
     assert "submitted 2 run(s) as array(s)" in out.stdout
     study = load_study(study_file)
-    (submission,) = slurm.read_submissions(study)
+    (submission,) = submissions.read_submissions(study)
     assert len(submission["arrays"]) == 1 and len({j.split("_")[0] for j in submission["train_jobs"].values()}) == 1
     print(f"submission of the array: {submission['submit_s']:.2f} s")
     for spec in study.runs:

@@ -15,7 +15,7 @@ import yaml
 
 from ssl_bench import config as config_lib
 from ssl_bench.run import train
-from ssl_bench.launch import slurm
+from ssl_bench.launch import slurm, submissions
 from ssl_bench.launch.grid import load_study
 from ssl_bench.launch.profiles import Profile
 from ssl_bench.launch.status import study_status
@@ -51,10 +51,10 @@ def test_submitit_local_launch_status_and_relaunch(tmp_path, tiny_tree):
     for spec in study.runs:
         result = json.loads((spec.run_dir / "result.json").read_text())
         assert result["status"] == "completed", result
-    (submission,) = slurm.read_submissions(study)
+    (submission,) = submissions.read_submissions(study)
     assert submission["cluster"] == "local" and set(submission["train_jobs"]) == {s.run_id for s in study.runs}
     snapshot = Path(submission["snapshot"])
-    assert (snapshot / "ssl_bench" / "train.py").is_file()
+    assert (snapshot / "ssl_bench" / "run" / "train.py").is_file()
     recorded = json.loads((snapshot / slurm.SNAPSHOT_FILE).read_text())
     assert recorded["sha"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                              text=True).stdout.strip()
@@ -78,7 +78,7 @@ def test_dry_run_prints_sbatch_per_run_and_submits_nothing(tmp_path, tiny_tree):
         assert flag in out.stdout, flag
     for spec in load_study(study_file).runs:
         assert spec.run_id in out.stdout
-    assert not (tmp_path / "runs" / "s" / slurm.SLURM_DIR).exists()
+    assert not (tmp_path / "runs" / "s" / submissions.SLURM_DIR).exists()
 
 
 def test_bad_profile_and_eval_fail_before_submitting(tmp_path, tiny_tree):
@@ -88,7 +88,7 @@ def test_bad_profile_and_eval_fail_before_submitting(tmp_path, tiny_tree):
     assert out.returncode == 2 and "trainer.num_nodes=3 but the partition has 2 node(s)" in out.stderr
     out = cli("grid", "launch", str(study_file), "--cluster", "slurm", "--profile", profile, "--eval", "knn,lin",
               "trainer.num_nodes=1", cwd=tmp_path)
-    assert out.returncode == 2 and "unknown evaluation(s) ['lin']; valid: knn, linear, collapse" in out.stderr
+    assert out.returncode == 2 and "unknown evaluation(s) ['lin']; valid: " in out.stderr
     out = cli("grid", "launch", str(study_file), "--cluster", "slurm", "trainer.num_nodes=1", cwd=tmp_path)
     assert out.returncode == 2 and "--cluster slurm needs --profile" in out.stderr
     assert not (tmp_path / "runs").exists()

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from ssl_bench import config as config_lib
+from ssl_bench.data.batch import Batch
 from ssl_bench.run import train
 from ssl_bench.methods import METHODS, build_method
 from ssl_bench.methods.base import clip_per_parameter, ema_update, param_groups
@@ -56,7 +57,7 @@ def _step(method, crops):
             setattr(method, name, lambda *a, **k: None)
     method.total_steps, method.steps_per_epoch = 10, 5
     method.total_batch_size = lambda: 4
-    return method.training_step((crops, torch.zeros(4)), 0)
+    return method.training_step(Batch(crops, torch.zeros(4)), 0)
 
 
 class _Opt:
