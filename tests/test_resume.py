@@ -127,6 +127,18 @@ def test_preempted_run_resumes_to_the_uninterrupted_weights(tree, monkeypatch, c
     assert not (run_dir / "attempts").exists()  # config.yaml and env.json were not archived
 
 
+def test_tensor_multicrop_run_resumes_to_its_uninterrupted_weights(tree, monkeypatch, tmp_path):
+    """data.multicrop=tensor: the crops made in the collate function replay exactly after a mid-epoch stop."""
+    tensor = config_lib.deep_merge(tree, {"data": {"multicrop": "tensor"}})
+    uninterrupted = train.run(make_cfg(tensor, tracking={"runs_root": str(tmp_path / "reference")}))
+    cfg = make_cfg(tensor)
+    assert interrupt(monkeypatch, cfg, 5).step == 5
+    result = train.run(cfg)
+    assert result.status == "completed" and tracking.read_result(result.run_dir)["resumes"][0]["from_step"] == 5
+    assert logged_steps(result.run_dir) == list(range(STEPS))
+    assert_same_training_state(final_checkpoint(result.run_dir), final_checkpoint(uninterrupted.run_dir))
+
+
 def test_sigterm_checkpoints_the_step_before_lightning_stops(tree, monkeypatch, reference):
     """Lightning answers SIGTERM with SIGTERMException after the step; the step is checkpointed first."""
     cfg = make_cfg(tree, eval={"knn": False})

@@ -51,6 +51,9 @@ class DataConfig:
     # Evaluation preprocessing: resize shorter side, then centre crop.
     eval_resize: int = checked(28, COUNT)
     eval_crop_size: int = checked(28, COUNT)
+    # Multi-crop pipeline: pil (per image, torchvision on PIL) | tensor (per batch on uint8 tensors in the
+    # collate function, data/tensor_multicrop.py; same distributions, other pixels: README)
+    multicrop: str = checked("pil", one_of("pil", "tensor"), hashed=UNLESS_DEFAULT)
     aug: AugConfig = section(AugConfig)
 
 

@@ -1,4 +1,4 @@
-"""Datasets, DINO multi-crop augmentation, iBOT block masking, the typed batch and the SSL DataModule."""
+"""Datasets, DINO multi-crop (PIL per image or batched on uint8 tensors), iBOT masking, typed batch, DataModule."""
 
 from ssl_bench.data.batch import Batch, as_batch, collate_batch
 
@@ -15,6 +15,7 @@ from ssl_bench.data.datasets import (
 from ssl_bench.data.fashion_mnist import DataNotFoundError, read_idx
 from ssl_bench.data.masking import BlockMaskGenerator, MaskingCollate, patch_grid, sample_masks
 from ssl_bench.data.module import SSLDataModule, eval_loaders
+from ssl_bench.data.tensor_multicrop import TensorMultiCrop, TensorMultiCropCollate
 from ssl_bench.data.transforms import MultiCropTransform, eval_transform, linear_train_transform
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "MaskingCollate",
     "MultiCropTransform",
     "SSLDataModule",
+    "TensorMultiCrop",
+    "TensorMultiCropCollate",
     "as_batch",
     "build_dataset",
     "check_dataset",

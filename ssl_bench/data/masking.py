@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import default_collate
 
-from ssl_bench.data.batch import Batch
+from ssl_bench.data.batch import Batch, collate_batch
 
 BLOCK_ATTEMPTS = 10  # tries per block before giving up, as in BEiT / DINOv2
 
@@ -155,15 +154,17 @@ class MaskingCollate:
         grid: (H, W) patch grid of a global crop.
         mask_probability, mask_ratio: as ``sample_masks``.
         num_global_crops: leading crops of each sample that are masked.
+        base: collate function that makes the unmasked Batch (``collate_batch`` for samples that are
+            already crops; ``tensor_multicrop.TensorMultiCropCollate`` for uint8 images).
 
-    Returns (when called on a list of B ``(crops, label)`` samples, V crops each):
+    Returns (when called on a list of B samples that ``base`` turns into V crops each):
         ``Batch(crops, labels, masks)`` (``data/batch.py``): crops a list of V (B, 3, H_v, W_v)
         tensors, labels (B,), masks (num_global_crops * B, H*W) bool with rows in the order
         of ``torch.cat(crops[:num_global_crops])`` (view-major).
     """
 
     def __init__(self, grid: tuple[int, int], mask_probability: float, mask_ratio: Sequence[float],
-                 num_global_crops: int = 2):
+                 num_global_crops: int = 2, base: Callable[[list], Batch] = collate_batch):
         lo, hi = mask_ratio
         if not (0 <= lo <= hi <= 1 and 0 <= mask_probability <= 1):
             raise ValueError(f"need 0 <= mask_ratio low <= high <= 1 and mask_probability in [0, 1], "
@@ -173,18 +174,19 @@ class MaskingCollate:
         self.mask_ratio = (float(lo), float(hi))
         self.num_global_crops = num_global_crops
         self.generator = BlockMaskGenerator(self.grid)
+        self.base = base
 
-    def __call__(self, samples: list[tuple[list[torch.Tensor], Any]]) -> Batch:
-        crops, labels = default_collate(samples)
-        if len(crops) < self.num_global_crops:
-            raise ValueError(f"samples have {len(crops)} crops, "
+    def __call__(self, samples: list[tuple[Any, Any]]) -> Batch:
+        batch = self.base(samples)
+        if len(batch.crops) < self.num_global_crops:
+            raise ValueError(f"samples have {len(batch.crops)} crops, "
                              f"fewer than num_global_crops={self.num_global_crops}")
         # A fresh generator seeded from the global state: reproducible under seed_everything
         # and per DataLoader worker, without sharing state across calls.
         rng = random.Random(random.getrandbits(64))
         masks = sample_masks(self.num_global_crops * len(samples), self.grid, self.mask_probability,
                              self.mask_ratio, rng, self.generator)
-        return Batch(crops, labels, masks)
+        return batch._replace(masks=masks)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(grid={self.grid}, mask_probability={self.mask_probability}, "

@@ -15,6 +15,7 @@ from ssl_bench.data.batch import Batch, collate_batch
 from ssl_bench.data.datasets import build_dataset, check_dataset, dataset_info, seeded_subset
 from ssl_bench.data.masking import MaskingCollate
 from ssl_bench.data.resumable import ResumableLoader
+from ssl_bench.data.tensor_multicrop import TensorMultiCropCollate, image_to_uint8
 from ssl_bench.data.transforms import MultiCropTransform, eval_transform
 
 
@@ -22,7 +23,8 @@ class SSLDataModule(L.LightningDataModule):
     """Multi-crop training batches ``Batch(crops, labels, masks)`` (``data/batch.py``).
 
     The training set is the seeded ``cfg.data.subset`` of the train split, each
-    image turned into DINO's crops by MultiCropTransform (Caron et al. 2021).
+    image turned into DINO's crops by MultiCropTransform (Caron et al. 2021), or, with
+    ``data.multicrop=tensor``, each batch of uint8 images by TensorMultiCropCollate.
     With ``mask_grid``, batches gain iBOT block masks for the two global crops
     (DINOv2, Oquab et al. 2023): ``masks`` (2B, H*W) bool, see MaskingCollate; without,
     ``masks`` is None. The batches come from a ResumableLoader (``data/resumable.py``):
@@ -59,7 +61,9 @@ class SSLDataModule(L.LightningDataModule):
         if self._train_set is None:
             data = self.data_cfg
             info = dataset_info(data.name)
-            full = build_dataset(data, "train", MultiCropTransform(data, info.mean, info.std))
+            # data.multicrop=tensor: the dataset yields uint8 tensors and the collate function crops the batch.
+            transform = image_to_uint8 if data.multicrop == "tensor" else MultiCropTransform(data, info.mean, info.std)
+            full = build_dataset(data, "train", transform)
             self._train_set = seeded_subset(full, data.subset, self.cfg.seed)
         return self._train_set
 
@@ -82,11 +86,17 @@ class SSLDataModule(L.LightningDataModule):
 
     @property
     def collate_fn(self) -> Callable[[list], Batch]:
-        """MaskingCollate when masking, else ``collate_batch`` (default collate into a Batch)."""
+        """The batch maker: ``collate_batch`` (PIL multi-crop, crops made per sample) or
+        TensorMultiCropCollate (``data.multicrop=tensor``), wrapped in MaskingCollate when masking."""
+        data = self.data_cfg
+        base: Callable[[list], Batch] = collate_batch
+        if data.multicrop == "tensor":
+            info = dataset_info(data.name)
+            base = TensorMultiCropCollate(data, info.mean, info.std)
         if self.mask_grid is None:
-            return collate_batch
+            return base
         method = self.cfg.method
-        return MaskingCollate(self.mask_grid, method.mask_probability, tuple(method.mask_ratio))
+        return MaskingCollate(self.mask_grid, method.mask_probability, tuple(method.mask_ratio), base=base)
 
     @property
     def world_size(self) -> int:

@@ -42,15 +42,28 @@ def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
     return max(1, min(size, largest_odd))
 
 
-def random_blur(cfg: DataConfig, crop_size: int, p: float) -> Optional[T.RandomApply]:
-    """Gaussian blur with probability ``p`` and sigma ~ U(blur_sigma_range); None if it is a no-op."""
+def blur_params(cfg: DataConfig, crop_size: int, p: float) -> Optional[tuple[int, tuple[float, float]]]:
+    """(odd kernel size, (sigma low, sigma high)) of a view's blur, or None where blurring is a no-op.
+
+    The one decision both multi-crop paths (PIL here, ``tensor_multicrop``) follow: no blur when
+    ``p`` is 0, when even the largest sigma is below NEGLIGIBLE_SIGMA, or when the kernel would be 1 px.
+    """
     lo, hi = blur_sigma_range(cfg)
     if p <= 0 or hi < NEGLIGIBLE_SIGMA:
         return None
     kernel = blur_kernel_size(hi, crop_size)
     if kernel < 3:
         return None
-    return T.RandomApply([T.GaussianBlur(kernel, sigma=(max(lo, 1e-3), hi))], p=p)
+    return kernel, (max(lo, 1e-3), hi)
+
+
+def random_blur(cfg: DataConfig, crop_size: int, p: float) -> Optional[T.RandomApply]:
+    """Gaussian blur with probability ``p`` and sigma ~ U(blur_sigma_range); None if it is a no-op."""
+    params = blur_params(cfg, crop_size, p)
+    if params is None:
+        return None
+    kernel, sigma = params
+    return T.RandomApply([T.GaussianBlur(kernel, sigma=sigma)], p=p)
 
 
 def _flip_and_color_jitter(cfg: DataConfig) -> list:
