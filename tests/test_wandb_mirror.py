@@ -1,4 +1,4 @@
-"""The W&B mirror (ssl_bench/wandb_mirror.py) with the real wandb library in offline mode.
+"""The W&B mirror (ssl_bench/tracking/wandb_mirror.py) with the real wandb library in offline mode.
 
 wandb >= 0.31 keeps an offline run's config and summary only in its ``.wandb`` transaction log, so
 ``read_records`` parses that log: a 7-byte header (``:W&B``, magic 0xBEE1, version), then LevelDB-style

@@ -163,7 +163,7 @@ class SSLMethod(L.LightningModule):
     ``methods/dino.py`` composes the training step from parts on top of it.
     """
 
-    # What the data pipeline must deliver to this method (train.py reads these).
+    # What the data pipeline must deliver to this method (run/train.py reads these).
     uses_local_crops = True  # False: 2 global views only, data.local_crops_number is ignored
     uses_masks = False  # True: batches carry iBOT block masks for the global views
     # DINO's collapse ablations of the schedules (Fig. 7, Table 7); each a registered name, not a config value.

@@ -37,7 +37,7 @@ class DINO(SSLMethod):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls.uses_masks = any(term.uses_masks for term in cls.terms)  # read by train.py before building
+        cls.uses_masks = any(term.uses_masks for term in cls.terms)  # read by run/train.py before building
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)

@@ -30,7 +30,7 @@ def count_torn_lines(path: Path) -> int:
     return read_jsonl_counted(Path(path))[1]
 
 
-torn_text = torn_lines_text  # the footer line for skipped metric lines (config: shared with grid status)
+torn_text = torn_lines_text  # the footer line for skipped metric lines (tracking.records: shared with grid status)
 
 
 def collect(expected: Iterable[dict[str, Any]]) -> pd.DataFrame:
