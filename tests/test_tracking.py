@@ -96,6 +96,11 @@ def test_wandb_offline_mirror(tiny_tree, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = config_lib.build_config(tiny_tree, {"tracking": {"wandb": "offline"}, "study": "wb"})
     result = train.run(cfg)
+    # run.finish() returns once wandb's service has the run; the service may close the .wandb file
+    # later (CI once read only its 7-byte header). teardown() waits for the service to exit.
+    import wandb
+
+    wandb.teardown()
     wandb_id = f"wb-{result.run_id}"  # <study>-<run_id>: the same config in two studies is two W&B runs
     offline = list((result.run_dir / "wandb").glob(f"offline-run-*-{wandb_id}"))
     assert len(offline) == 1, list((result.run_dir / "wandb").iterdir())
