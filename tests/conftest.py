@@ -36,6 +36,12 @@ def tiny_cfg(tiny_tree) -> config_lib.Config:
 
 
 @pytest.fixture(autouse=True)
+def _folder_index_cache(tmp_path_factory, monkeypatch):
+    """Image-folder indexes (data/folder_index.py) go to the session's temporary folder, not ~/.cache."""
+    monkeypatch.setenv("SSL_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "ssl-bench-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
     yield

@@ -127,9 +127,11 @@ def test_preempted_run_resumes_to_the_uninterrupted_weights(tree, monkeypatch, c
     assert not (run_dir / "attempts").exists()  # config.yaml and env.json were not archived
 
 
-def test_tensor_multicrop_run_resumes_to_its_uninterrupted_weights(tree, monkeypatch, tmp_path):
-    """data.multicrop=tensor: the crops made in the collate function replay exactly after a mid-epoch stop."""
-    tensor = config_lib.deep_merge(tree, {"data": {"multicrop": "tensor"}})
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_tensor_multicrop_run_resumes_to_its_uninterrupted_weights(tree, monkeypatch, tmp_path, augment_on):
+    """data.multicrop=tensor: the crops made in the collate function (workers) or after the transfer from the
+    collate's seed (device) replay exactly after a mid-epoch stop."""
+    tensor = config_lib.deep_merge(tree, {"data": {"multicrop": "tensor", "augment_on": augment_on}})
     uninterrupted = train.run(make_cfg(tensor, tracking={"runs_root": str(tmp_path / "reference")}))
     cfg = make_cfg(tensor)
     assert interrupt(monkeypatch, cfg, 5).step == 5

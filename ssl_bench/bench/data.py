@@ -5,7 +5,9 @@ The loader timed is the one training uses: ``SSLDataModule(cfg).train_dataloader
 ``mask_grid``), with ``data.num_workers`` set to each benchmarked count and ``persistent_workers`` /
 ``pin_memory`` left as the module sets them. No model is built: this measures what the data side can
 deliver, to compare with the step rate of ``ssl-bench bench train``. One image is one source image
-with its full set of crops.
+with its full set of crops. With ``data.augment_on=device`` the loader only gathers uint8 images (or
+encoded bytes), labels and a crop seed; the crops (and any decoding) are made on the training device
+after the transfer, so these figures time the loader side only and ``bench train`` holds the rest.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def bench_data(cfg: config_lib.Config, workers: list[int], batches: int = 20, wa
         data settings benchmarked), ``threads``, ``cpu_count``, ``torch`` and ``hardware``.
     """
     _check_arguments(workers, batches, warmup)
+    if cfg.data.multicrop == "tensor" and cfg.data.augment_on == "device":
+        print("[bench data] data.augment_on=device: timing the loader side only (uint8 images, labels, crop "
+              "seed, masks); the crops are made on the training device after the transfer (see bench train)",
+              flush=True)
     threads_before = torch.get_num_threads()
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -88,6 +94,8 @@ def _bench_workers(cfg: config_lib.Config, workers: int, batches: int, warmup: i
            "batches_per_epoch": len(loader), "persistent_workers": loader.persistent_workers,
            "pin_memory": loader.pin_memory}
     row.update(measure_loader(loader, batches, warmup))
+    if module.augments_on_device:  # the loader's batches hold no crops: the shapes the device will make
+        row.update(planned_shape(module))
     # Per worker: the main process is the one worker when it loads the data itself.
     row["images_per_s_per_worker"] = row["images_per_s"] / max(workers, 1)
     return row
@@ -151,12 +159,24 @@ def batch_shape(batch: Batch) -> dict[str, Any]:
     ``pixels_per_image`` sums H*W over the crops; ``values_per_image`` multiplies in the channels
     (the floats the model reads); ``masked`` says whether the batch carries iBOT masks.
     """
+    if not isinstance(batch, Batch):  # an ImageBatch (data.augment_on=device): no crops yet
+        return {"masked": batch.masks is not None}
     crops = batch.crops
     pixels = sum(int(c.shape[-2]) * int(c.shape[-1]) for c in crops)
     values = sum(int(c[0].numel()) for c in crops)
     return {"crops_per_image": len(crops), "crop_sizes": [list(c.shape[-2:]) for c in crops],
             "channels": int(crops[0].shape[1]), "pixels_per_image": pixels, "values_per_image": values,
             "masked": batch.masks is not None}
+
+
+def planned_shape(module: SSLDataModule) -> dict[str, Any]:
+    """``batch_shape``'s figures for the crops ``module`` makes after the transfer (data.augment_on=device)."""
+    d = module.data_cfg
+    sizes = [d.global_crop_size] * 2 + [d.local_crop_size] * d.local_crops_number
+    pixels = sum(s * s for s in sizes)
+    return {"crops_per_image": len(sizes), "crop_sizes": [[s, s] for s in sizes], "channels": 3,
+            "pixels_per_image": pixels, "values_per_image": 3 * pixels,
+            "masked": module.mask_grid is not None}
 
 
 def config_summary(cfg: config_lib.Config, row: dict[str, Any], mask_grid: Optional[tuple[int, int]],
@@ -168,7 +188,8 @@ def config_summary(cfg: config_lib.Config, row: dict[str, Any], mask_grid: Optio
             "batch_size": d.batch_size, "global_crops_number": 2, "global_crop_size": d.global_crop_size,
             "local_crops_number": local, "local_crop_size": d.local_crop_size,
             "mask_grid": list(mask_grid) if mask_grid is not None else None, "seed": cfg.seed,
-            "config_num_workers": d.num_workers}
+            "config_num_workers": d.num_workers, "multicrop": d.multicrop,
+            "augment_on": d.augment_on if d.multicrop == "tensor" else "workers"}
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -228,6 +228,20 @@ def summarise(cfg: config_lib.Config, method: SSLMethod, timer: StepTimer, flops
     }
 
 
+def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across repeated runs: the median of throughput and step time, the largest peak memory."""
+    def med(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {"runs": len(runs), "images_per_s": med("images_per_s"),
+            "images_per_s_min": min(r["images_per_s"] for r in runs),
+            "images_per_s_max": max(r["images_per_s"] for r in runs),
+            "step_s_median": med("step_s_median"), "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
+            "flops_per_image": runs[0]["flops_per_image"], "achieved_tflops": med("achieved_tflops"),
+            "mfu": med("mfu")}
+
+
 def format_runs(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """A Markdown table: one row per run, then the median over runs."""
     lines = ["| run | img/s | step s median | p10 | p90 | peak memory MiB | GFLOP/img | TFLOP/s | MFU |",

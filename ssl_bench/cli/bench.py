@@ -1,4 +1,4 @@
-"""``ssl-bench bench train|data|knn``: speed figures as a table and a JSON record in ``results/bench/``.
+"""``ssl-bench bench train|data|knn|make-images``: speed figures as a table and a JSON record in ``results/bench/``.
 
 Each JSON record carries its provenance (git sha and dirty flag, package versions, hardware, the
 resolved config and the command line), so figures can be compared across commits and machines.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +49,20 @@ def output_path(args: argparse.Namespace, benchmark: str, name: str, git: dict[s
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from ssl_bench.bench.train import bench_train, bench_train_isolated, format_runs
+    from ssl_bench.bench.train import bench_train, bench_train_isolated, format_runs, summarise_runs
 
     cfg = config_lib.load_config(args.config, args.overrides)
     _check_counts(steps=args.steps, repeats=args.repeats)
     if args.warmup < 0:
         raise config_lib.ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    run = bench_train if args.in_process else bench_train_isolated
+    if args.compare_synthetic:
+        return _bench_train_compare(args, cfg, run)
     runs = []
     for i in range(args.repeats):
         print(f"[bench train] run {i + 1}/{args.repeats}: {args.warmup} warm-up + {args.steps} timed steps "
               f"({'synthetic crops' if args.synthetic else 'real data pipeline'})", flush=True)
-        if args.in_process:
-            runs.append(bench_train(cfg, args.steps, args.warmup, args.synthetic))
-        else:
-            runs.append(bench_train_isolated(cfg, args.steps, args.warmup, args.synthetic))
+        runs.append(run(cfg, args.steps, args.warmup, args.synthetic))
     summary = summarise_runs(runs)
     print(format_runs(runs, summary))
     name = Path(args.config).stem + ("-synthetic" if args.synthetic else "")
@@ -72,18 +71,25 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Across repeated runs: the median of throughput and step time, the largest peak memory."""
-    def med(key: str) -> float | None:
-        values = [r[key] for r in runs if r.get(key) is not None]
-        return statistics.median(values) if values else None
+def _bench_train_compare(args: argparse.Namespace, cfg: config_lib.Config, run: Any) -> int:
+    """``--compare-synthetic``: synthetic crops and the real pipeline, interleaved, in one record."""
+    import torch
 
-    return {"runs": len(runs), "images_per_s": med("images_per_s"),
-            "images_per_s_min": min(r["images_per_s"] for r in runs),
-            "images_per_s_max": max(r["images_per_s"] for r in runs),
-            "step_s_median": med("step_s_median"), "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
-            "flops_per_image": runs[0]["flops_per_image"], "achieved_tflops": med("achieved_tflops"),
-            "mfu": med("mfu")}
+    from ssl_bench.bench.compare import compare_train, format_train_table
+    from ssl_bench.methods import build_method
+
+    if args.synthetic:
+        raise config_lib.ConfigError("--compare-synthetic runs both pipelines; drop --synthetic")
+    with torch.device("meta"):
+        if build_method(cfg).uses_masks:
+            raise config_lib.ConfigError(f"--compare-synthetic: method.name={cfg.method.name!r} needs iBOT masks, "
+                                         "which synthetic crops lack; benchmark its real pipeline alone")
+    result = compare_train(cfg, args.steps, args.warmup, args.repeats, run)
+    print(format_train_table(result))
+    write_record(args, "train", Path(args.config).stem + "-compare-synthetic", config_file=args.config,
+                 overrides=args.overrides, config=config_lib.to_dict(cfg), steps=args.steps, warmup=args.warmup,
+                 repeats=args.repeats, **result)
+    return 0
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
@@ -99,15 +105,51 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise config_lib.ConfigError(f"--workers {args.workers!r}: give comma-separated worker counts, "
                                      "e.g. 0,1,2") from exc
+    _check_counts(repeats=args.repeats)
+    warmup = args.warmup if args.warmup is not None else 2 * max(workers, default=0) + 1
+    if args.compare:
+        return _bench_data_compare(args, workers, warmup)
+    if args.repeats != 1:
+        raise config_lib.ConfigError("--repeats applies to --compare runs; without --compare give --repeats 1")
     with torch.device("meta"):  # the model's shapes only (patch size), no weights
         local, grid = pipeline_options(cfg, build_method(cfg))
-    warmup = args.warmup if args.warmup is not None else 2 * max(workers, default=0) + 1
     try:
         result = bench_data(cfg, workers, args.batches, warmup, mask_grid=grid, local_crops_number=local)
     except ValueError as exc:
         raise config_lib.ConfigError(str(exc)) from exc
     print(format_table(result))
     write_record(args, "data", Path(args.config).stem, config_file=args.config, overrides=args.overrides, **result)
+    return 0
+
+
+def _bench_data_compare(args: argparse.Namespace, workers: list[int], warmup: int) -> int:
+    """``--compare KEY=V1,V2``: every variant at every worker count, interleaved, in one record."""
+    from ssl_bench.bench.compare import compare_data, data_variants, format_data_table, parse_compare
+
+    key, values = parse_compare(args.compare)
+    variants = data_variants(args.config, args.overrides, key, values)
+    try:
+        result = compare_data(variants, workers, args.batches, warmup, args.repeats)
+    except ValueError as exc:
+        raise config_lib.ConfigError(str(exc)) from exc
+    print(format_data_table(result))
+    name = f"{Path(args.config).stem}-compare-{key.rsplit('.', 1)[-1]}"
+    write_record(args, "data", name, config_file=args.config, overrides=args.overrides, compare=args.compare,
+                 configs={v.label: config_lib.to_dict(v.cfg) for v in variants}, **result)
+    return 0
+
+
+def cmd_bench_make_images(args: argparse.Namespace) -> int:
+    from ssl_bench.bench.images import make_images, parse_size
+
+    try:
+        manifest = make_images(args.root, args.count, parse_size(args.size), args.classes, args.seed,
+                               val_count=args.val_count, quality=args.quality)
+    except (ValueError, FileExistsError) as exc:
+        raise config_lib.ConfigError(f"bench make-images: {exc}") from exc
+    files = manifest["files"]
+    print(f"[ssl-bench] wrote {files['train']} train and {files['val']} val JPEGs "
+          f"({args.size}, {args.classes} classes, seed {args.seed}) under {args.root}", flush=True)
     return 0
 
 
@@ -138,7 +180,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="speed benchmarks: training step, data pipeline, k-NN")
+    bench = sub.add_parser("bench", help="speed benchmarks: training step, data pipeline, k-NN; test JPEGs")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
 
     p = bench_sub.add_parser("train", help="training-step throughput, step time, peak memory, FLOPs, MFU")
@@ -149,6 +191,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--repeats", type=int, default=1, help="runs, each in a fresh process; the median is reported")
     p.add_argument("--in-process", action="store_true", help="run in this process (peak RSS then includes it)")
+    p.add_argument("--compare-synthetic", action="store_true",
+                   help="time synthetic crops and the real data pipeline, interleaved (--repeats rounds), one record "
+                        "with both medians and their ratio")
     _output_args(p)
     p.set_defaults(func=cmd_bench_train)
 
@@ -159,8 +204,22 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed batches first (default 2 x the largest worker count + 1: the prefetched ones)")
+    p.add_argument("--compare", default=None, metavar="KEY=V1,V2",
+                   help="time each value of KEY at each worker count, interleaved; the record holds the ratio of "
+                        "each to the first (e.g. data.multicrop=pil,tensor)")
+    p.add_argument("--repeats", type=int, default=1, help="with --compare: rounds, each a fresh loader per variant")
     _output_args(p)
     p.set_defaults(func=cmd_bench_data)
+
+    p = bench_sub.add_parser("make-images", help="generated test JPEGs in ImageNet layout DIR/{train,val}/<class>/")
+    p.add_argument("root", metavar="DIR", help="output folder (train/ and val/ must be new or empty)")
+    p.add_argument("--count", type=int, default=1000, help="train images")
+    p.add_argument("--val-count", type=int, default=None, help="val images (default max(classes, count // 10))")
+    p.add_argument("--size", default="500x375", help="WIDTHxHEIGHT")
+    p.add_argument("--classes", type=int, default=10, help="class folders")
+    p.add_argument("--seed", type=int, default=0, help="content seed (same seed, same files)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.set_defaults(func=cmd_bench_make_images)
 
     from ssl_bench.bench.knn import add_arguments
 

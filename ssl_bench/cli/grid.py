@@ -73,9 +73,9 @@ def _validate(study, args: argparse.Namespace):
 
 def train_size(cfg: config_lib.Config) -> int:
     """Images in the run's SSL training set (the seeded subset, if any)."""
-    from ssl_bench.data import build_dataset
+    from ssl_bench.data import dataset_size
 
-    n = len(build_dataset(cfg.data, "train"))
+    n = dataset_size(cfg.data, "train")  # image folders: a cached index, not a walk of the tree on the login node
     return min(n, cfg.data.subset) if cfg.data.subset else n
 
 

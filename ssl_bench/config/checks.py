@@ -43,6 +43,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
                         f"train.collapse_entropy_high={t.collapse_entropy_high}")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
         problems.append(f"eval.knn_report_k={cfg.eval.knn_report_k} must be one of eval.knn_k={cfg.eval.knn_k}")
+    if d.augment_on == "device" and d.multicrop != "tensor":
+        problems.append(f"data.augment_on=device needs data.multicrop=tensor (got data.multicrop={d.multicrop}): "
+                        "only the tensor multi-crop runs on the training device")
     if d.local_crops_number > 0:
         vit = is_vit_name(cfg.backbone.name)
         patch = cfg.backbone.patch_size if vit else None

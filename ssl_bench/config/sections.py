@@ -54,6 +54,11 @@ class DataConfig:
     # Multi-crop pipeline: pil (per image, torchvision on PIL) | tensor (per batch on uint8 tensors in the
     # collate function, data/tensor_multicrop.py; same distributions, other pixels: README)
     multicrop: str = checked("pil", one_of("pil", "tensor"), hashed=UNLESS_DEFAULT)
+    # Where multicrop=tensor makes the crops: workers (in the collate function) | device (on the training
+    # device after the transfer, data/device_multicrop.py; encoded images decoded there, nvJPEG on CUDA).
+    # Unhashed: the crop parameters come from the same per-batch generator on the CPU either way, so the
+    # crops agree up to float rounding (bitwise on the CPU)
+    augment_on: str = checked("workers", one_of("workers", "device"), hashed=False)
     aug: AugConfig = section(AugConfig)
 
 

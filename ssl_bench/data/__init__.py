@@ -9,6 +9,7 @@ from ssl_bench.data.datasets import (
     build_dataset,
     check_dataset,
     dataset_info,
+    dataset_size,
     num_classes,
     seeded_subset,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "check_dataset",
     "collate_batch",
     "dataset_info",
+    "dataset_size",
     "eval_loaders",
     "eval_transform",
     "linear_train_transform",

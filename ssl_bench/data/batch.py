@@ -34,4 +34,9 @@ def collate_batch(samples: list[tuple[list[torch.Tensor], Any]]) -> Batch:
 def as_batch(batch: Batch | Sequence[Any]) -> Batch:
     """``batch`` as a Batch; a hand-made ``(crops, labels[, masks])`` sequence (tests, the golden
     trajectories' batches) is converted, since its fields come in the same order."""
-    return batch if isinstance(batch, Batch) else Batch(*batch)
+    if isinstance(batch, Batch):
+        return batch
+    if hasattr(batch, "_fields"):  # another typed batch, e.g. an ImageBatch whose crops were never made
+        raise TypeError(f"got a {type(batch).__name__}, not a training Batch: with data.augment_on=device the "
+                        "crops are made by SSLDataModule.on_after_batch_transfer; train with the datamodule")
+    return Batch(*batch)

@@ -154,9 +154,19 @@ def _check_imagefolder(cfg: DataConfig) -> None:
 @_register("imagefolder", "ImageNet layout root/{train,val}/<class>/*; 'test' reads val",
            DatasetInfo(0, IMAGENET_MEAN, IMAGENET_STD, 224), _check_imagefolder)
 def _build_imagefolder(cfg: DataConfig, split: str, transform=None) -> Dataset:
-    from torchvision.datasets import ImageFolder
+    from ssl_bench.data.folder_index import IndexedImageFolder
 
-    return ImageFolder(str(_imagefolder_dir(cfg, split)), transform=transform)
+    return IndexedImageFolder(_folder_index(cfg, split), transform=transform)  # type: ignore[return-value]
+
+
+def _folder_index(cfg: DataConfig, split: str):
+    """The split's cached index (data/folder_index.py); a class folder without images is a DataNotFoundError."""
+    from ssl_bench.data.folder_index import load_index
+
+    try:
+        return load_index(_imagefolder_dir(cfg, split))
+    except FileNotFoundError as exc:
+        raise DataNotFoundError(f"imagefolder (data.root={cfg.root}): {exc}") from exc
 
 
 @_register("synthetic", "generated 32px colour gratings, 10 classes, 512/128 images (tests)",
@@ -184,10 +194,15 @@ def dataset_info(name: str) -> DatasetInfo:
 def num_classes(cfg: DataConfig) -> int:
     """Number of classes, counting imagefolder's train/ class folders."""
     if cfg.name == "imagefolder":
-        from torchvision.datasets.folder import find_classes
-
-        return len(find_classes(_imagefolder_dir(cfg, "train"))[0])
+        return len(_folder_index(cfg, "train").classes)
     return dataset_info(cfg.name).num_classes
+
+
+def dataset_size(cfg: DataConfig, split: str) -> int:
+    """Items in ``split``; for imagefolder from the cached index (``folder_index``), nothing decoded or re-listed."""
+    if cfg.name == "imagefolder":
+        return len(_folder_index(cfg, split).samples)
+    return len(build_dataset(cfg, split))  # type: ignore[arg-type]
 
 
 def check_dataset(cfg: DataConfig) -> None:

@@ -53,3 +53,27 @@ def decode_batch(encoded: Sequence[torch.Tensor], device: Union[str, torch.devic
         if out[i] is None:
             out[i] = decode(e.cpu()).to(device)
     return out
+
+
+def as_uint8(image) -> torch.Tensor:
+    """The tensor pipelines' dataset transform: a PIL image -> (3, H, W) uint8 tensor; a tensor passes through.
+
+    Datasets that see it (``takes_uint8_tensor``) skip PIL: image folders decode with torchvision.io,
+    in-memory datasets hand over their pixels.
+    """
+    if isinstance(image, torch.Tensor):
+        return image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    return pil_to_tensor(image)
+
+
+def keep_encoded(image) -> torch.Tensor:
+    """``data.augment_on=device``'s training transform: image files stay encoded bytes (``takes_encoded``),
+    decoded after the transfer (``decode_batch``); other datasets give uint8 tensors as ``as_uint8``."""
+    return as_uint8(image)
+
+
+as_uint8.takes_uint8_tensor = True  # type: ignore[attr-defined]
+keep_encoded.takes_uint8_tensor = True  # type: ignore[attr-defined]
+keep_encoded.takes_encoded = True  # type: ignore[attr-defined]

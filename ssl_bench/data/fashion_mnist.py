@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -181,6 +182,8 @@ class FashionMNISTIDX(Dataset):
 
     def __getitem__(self, index: int):
         # RGB so that every backbone can take 3 channels regardless of dataset.
+        if getattr(self.transform, "takes_uint8_tensor", False):  # the tensor pipelines: the same pixels, no PIL
+            return torch.from_numpy(self.images[index]).expand(3, -1, -1), int(self.labels[index])
         image = Image.fromarray(self.images[index]).convert("RGB")
         if self.transform is not None:
             image = self.transform(image)

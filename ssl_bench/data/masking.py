@@ -155,7 +155,8 @@ class MaskingCollate:
         mask_probability, mask_ratio: as ``sample_masks``.
         num_global_crops: leading crops of each sample that are masked.
         base: collate function that makes the unmasked Batch (``collate_batch`` for samples that are
-            already crops; ``tensor_multicrop.TensorMultiCropCollate`` for uint8 images).
+            already crops; ``tensor_multicrop.TensorMultiCropCollate`` for uint8 images), or the
+            ``device_multicrop.ImageBatch`` whose crops are made after the transfer (``ImageBatchCollate``).
 
     Returns (when called on a list of B samples that ``base`` turns into V crops each):
         ``Batch(crops, labels, masks)`` (``data/batch.py``): crops a list of V (B, 3, H_v, W_v)
@@ -178,7 +179,8 @@ class MaskingCollate:
 
     def __call__(self, samples: list[tuple[Any, Any]]) -> Batch:
         batch = self.base(samples)
-        if len(batch.crops) < self.num_global_crops:
+        # An ImageBatch (data.augment_on=device) has no crops yet: TensorMultiCrop makes 2 global ones later.
+        if isinstance(batch, Batch) and len(batch.crops) < self.num_global_crops:
             raise ValueError(f"samples have {len(batch.crops)} crops, "
                              f"fewer than num_global_crops={self.num_global_crops}")
         # A fresh generator seeded from the global state: reproducible under seed_everything

@@ -121,16 +121,21 @@ class SeededSamples(Dataset):
         dataset: returns e.g. ``(list of crops, label)``; its transforms may use torch's,
             Python's or NumPy's global RNG (torchvision uses torch's).
         seed: the run's seed.
+        seeded: False when loading a sample draws nothing at random (the tensor pipelines, whose
+            randomness is the collate function's): skips the four RNG state swaps per sample.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, seeded: bool = True) -> None:
         self.dataset = dataset
         self.seed = seed
+        self.seeded = seeded
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: SampleKey) -> tuple[SampleKey, Any]:
+        if not self.seeded:
+            return key, self.dataset[key.index]
         with seeded_rngs(derive_seed(self.seed, "sample", key.epoch, key.position)):
             return key, self.dataset[key.index]
 
@@ -169,15 +174,16 @@ class ResumableLoader(DataLoader):
         seed: the run's seed.
         rank, world_size: this process and the number of processes.
         collate_fn: applied to a list of samples (None = default_collate).
+        seed_samples: seed the global RNGs per sample (SeededSamples); False when samples are not random.
         **kwargs: further DataLoader arguments (num_workers, pin_memory, ...).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 collate_fn: Optional[Callable] = None, **kwargs: Any) -> None:
+                 collate_fn: Optional[Callable] = None, seed_samples: bool = True, **kwargs: Any) -> None:
         sampler = EpochShardSampler(len(dataset), seed, rank, world_size)  # type: ignore[arg-type]
         # Its own generator: the DataLoader draws a base seed per iteration, which must not consume
         # the training process's global torch RNG (drop path) or a resumed run would drift.
-        super().__init__(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=True,
+        super().__init__(SeededSamples(dataset, seed, seed_samples), batch_size=batch_size, sampler=sampler, drop_last=True,
                          collate_fn=SeededCollate(seed, collate_fn), generator=torch.Generator().manual_seed(seed),
                          **kwargs)
         self.seed = seed

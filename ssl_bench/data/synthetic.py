@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -65,6 +66,8 @@ class SyntheticGratings(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
+        if getattr(self.transform, "takes_uint8_tensor", False):  # the tensor pipelines: the same pixels, no PIL
+            return torch.from_numpy(self.images[index]).permute(2, 0, 1), int(self.labels[index])
         image = Image.fromarray(self.images[index])
         if self.transform is not None:
             image = self.transform(image)

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
-from torchvision.transforms.v2 import functional as F
 
 from ssl_bench.config import DataConfig
-from ssl_bench.data import tensor_ops
+from ssl_bench.data import decode, tensor_ops
 from ssl_bench.data.batch import Batch
 from ssl_bench.data.transforms import SOLARIZE_THRESHOLD, blur_params
 
@@ -148,7 +147,8 @@ def apply_view(images: list[torch.Tensor], params: ViewParams, spec: ViewSpec,
     solarize (threshold 128 of 255), normalise.
 
     Args:
-        images: N uint8 (3, H_i, W_i) tensors on one device.
+        images: N uint8 (3, H_i, W_i) tensors on one device, or a (N, C, H, W) batch; C = 1 stands for
+            grey RGB images (``tensor_ops.grey_batch``) and gives bitwise their views.
 
     Returns: (N, 3, size, size) float32 on the images' device.
     """
@@ -203,12 +203,18 @@ class TensorMultiCrop:
         images = list(images)
         heights = torch.tensor([image.shape[-2] for image in images])
         widths = torch.tensor([image.shape[-1] for image in images])
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) == 1 and math.prod(next(iter(shapes))[-2:]) <= tensor_ops.BATCHED_RESIZE_MAX_PIXELS:
+            images = torch.stack(images)  # the batched resize's input; large images stay a list (no copies)
+            if tensor_ops.grey_batch(images):  # Fashion-MNIST: one channel all the way, RGB at normalisation
+                images = images[:, :1]
         views = [self._views(self.global1, images, heights, widths, generator),
                  self._views(self.global2, images, heights, widths, generator)]
         if self.local_crops_number:
             n, b = self.local_crops_number, len(images)
             # All locals in one call, view-major: rows v*B .. (v+1)*B - 1 are local view v.
-            locals_ = self._views(self.local, images * n, heights.repeat(n), widths.repeat(n), generator)
+            repeated = images.repeat(n, 1, 1, 1) if isinstance(images, torch.Tensor) else images * n
+            locals_ = self._views(self.local, repeated, heights.repeat(n), widths.repeat(n), generator)
             views += list(locals_.split(b))
         return views
 
@@ -221,9 +227,18 @@ class TensorMultiCrop:
                 f"  local x{self.local_crops_number}={self.local})")
 
 
-def image_to_uint8(image) -> torch.Tensor:
-    """The dataset-side transform of ``data.multicrop=tensor``: PIL image -> (3, H, W) uint8 tensor."""
-    return F.pil_to_tensor(image)
+image_to_uint8 = decode.as_uint8  # the dataset-side transform of data.multicrop=tensor
+
+
+def split_samples(samples: list[tuple[torch.Tensor, Any]]) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """(images, (B,) int64 labels, the batch's generator seed) of B samples ``(image, label)``.
+
+    The seed is drawn from torch's global RNG, which SeededCollate seeds per batch; both places that
+    make tensor crops (TensorMultiCropCollate here, ``device_multicrop`` after the transfer) draw it so.
+    """
+    images = [image for image, _ in samples]
+    labels = torch.tensor([int(label) for _, label in samples], dtype=torch.int64)
+    return images, labels, int(torch.randint(2**62, (1,)))
 
 
 class TensorMultiCropCollate:
@@ -238,10 +253,8 @@ class TensorMultiCropCollate:
         self.multicrop = TensorMultiCrop(cfg, mean, std)
 
     def __call__(self, samples: list[tuple[torch.Tensor, Any]]) -> Batch:
-        images = [image for image, _ in samples]
-        labels = torch.tensor([int(label) for _, label in samples], dtype=torch.int64)
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
-        return Batch(self.multicrop(images, generator), labels)
+        images, labels, seed = split_samples(samples)
+        return Batch(self.multicrop(images, torch.Generator().manual_seed(seed)), labels)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.multicrop!r})"

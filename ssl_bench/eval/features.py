@@ -50,9 +50,9 @@ def rank_shard(dataset: Dataset) -> tuple[Dataset, int]:
 
 
 def loader_like(loader: DataLoader, dataset: Dataset) -> DataLoader:
-    """The same loader settings over another dataset (a rank's shard)."""
+    """The same loader settings (collate function included) over another dataset (a rank's shard)."""
     return DataLoader(dataset, batch_size=loader.batch_size, shuffle=False, drop_last=False,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
 
 
 def weights_sha256(module: nn.Module) -> str:

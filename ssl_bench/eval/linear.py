@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ssl_bench.config import Config
 from ssl_bench.data import (build_dataset, dataset_info, eval_transform, linear_train_transform, num_classes,
                             seeded_subset)
+from ssl_bench.data.tensor_eval import eval_pipeline
 from ssl_bench.eval.finite import FiniteTally, check_finite
 from ssl_bench.eval.linear_heads import (SELECTION_RULE, Batches, FeatureChoice, HeadSpec, Progress, feature_choices,
                                          head_grid, probe_heads, steps_per_epoch)
@@ -94,6 +95,9 @@ def probe_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     lin, info = cfg.linear, dataset_info(cfg.data.name)
     evaluate = eval_transform(cfg.data, info.mean, info.std)
     fit = linear_train_transform(cfg.data, info.mean, info.std) if lin.augment else evaluate
+    as_tensor, _ = eval_pipeline(cfg.data, info.mean, info.std)
+    if as_tensor is not None:  # data.multicrop=tensor: uint8 samples, the loader's collate_fn preprocesses
+        evaluate = fit = as_tensor
     pool_fit = seeded_subset(build_dataset(cfg.data, "train", fit), lin.train_subset, cfg.seed)
     pool_eval = seeded_subset(build_dataset(cfg.data, "train", evaluate), lin.train_subset, cfg.seed)
     train_idx, val_idx = held_out_split(len(pool_eval), lin.val_fraction, cfg.seed)
@@ -103,7 +107,8 @@ def probe_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
 def probe_test_set(cfg: Config) -> Dataset:
     """The (seeded subset of the) test split with the eval transform; linear_probe builds it after selection."""
     info = dataset_info(cfg.data.name)
-    test = build_dataset(cfg.data, "test", eval_transform(cfg.data, info.mean, info.std))
+    as_tensor, _ = eval_pipeline(cfg.data, info.mean, info.std)
+    test = build_dataset(cfg.data, "test", as_tensor or eval_transform(cfg.data, info.mean, info.std))
     return seeded_subset(test, cfg.linear.test_subset, cfg.seed)
 
 
@@ -147,10 +152,14 @@ def tensor_batches(feats: FrozenFeatures, labels: Tensor, choices: Sequence[Feat
 
 
 def _loader(cfg: Config, dataset: Dataset, train: bool) -> DataLoader:
-    b = cfg.linear.batch_size
+    """Shuffled, seeded and augmented (``linear.augment``) batches when ``train``; with
+    ``data.multicrop=tensor`` the preprocessing is the collate function's (data/tensor_eval.py)."""
+    b, info = cfg.linear.batch_size, dataset_info(cfg.data.name)
     gen = torch.Generator().manual_seed(cfg.seed) if train else None
+    _, collate = eval_pipeline(cfg.data, info.mean, info.std, train=train, augment=cfg.linear.augment)
     return DataLoader(dataset, batch_size=b, shuffle=train, drop_last=train and len(dataset) >= b,
-                      generator=gen, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+                      generator=gen, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                      collate_fn=collate)
 
 
 def linear_probe(backbone: nn.Module, cfg: Config, device: str | torch.device = "cpu",

@@ -214,10 +214,10 @@ def method_outputs(target: Target, device: torch.device, batches: int) -> Method
     method.load_state_dict(state)
     method.eval().to(device)
     teacher_temp = method.teacher_temp_at(10**12)  # the end of the schedule: what the checkpoint trained with
-    loader = build_datamodule(cfg, method).train_dataloader()
+    datamodule = build_datamodule(cfg, method)
     views: tuple[list, list, list] = ([], [], [])
-    for batch in islice(loader, batches):
-        crops = [c.to(device) for c in batch.crops]
+    for batch in islice(datamodule.train_dataloader(), batches):
+        crops = datamodule.on_device(batch, device).crops  # data.augment_on=device makes the crops here
         teacher_cls = method.teacher.backbone_cls(crops[:2])
         views[0].append(method.teacher_probs(method.teacher.head(teacher_cls), teacher_temp).chunk(2))
         views[1].append(method.student(crops).chunk(len(crops)))

@@ -15,7 +15,8 @@ OLD_UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "speed", "trainer.
                      "train.diagnostics_every_n_steps", "train.checkpoint_every_n_steps", "train.resume",
                      "train.fp16_max_consecutive_skips",
                      "eval.knn_every_n_epochs", "eval.knn_fp16_bank", "eval.knn_bank_block", "eval.cache_features",
-                     "linear")
+                     "linear",
+                     "data.augment_on")  # added since (issue 18): where the tensor crops are made, not what they are
 # The two keys hand-kept before issue 17, plus the keys added since (each one here on purpose: a key
 # that changes results but keeps old run ids at its default).
 OLD_HASHED_UNLESS_DEFAULT = {"method.teacher_temp_schedule": "per_step", "backbone.pos_embed_interpolation": "timm",

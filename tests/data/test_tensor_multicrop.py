@@ -92,6 +92,76 @@ def test_resized_crop_is_torchvision_per_image_and_within_one_grey_level_of_pil(
     assert (as_float.round().clamp(0, 255) - out[2] * 255).abs().max() > 1.0  # why the CPU path keeps uint8
 
 
+@pytest.mark.parametrize("height,width,size", [(17, 13, 9), (8, 11, 20), (28, 28, 12)])
+def test_batched_resized_crop_equals_torchvisions_uint8_kernel_for_every_box(height, width, size):
+    # Every (start, length) pair of both axes, shrinking and enlarging: the fixed-point weights must
+    # reproduce torch's uint8 kernel (the one torchvision.v2 calls) to the grey level, not within one.
+    def partner(start: int, length: int, full: int) -> tuple[int, int]:  # some valid box on the other axis
+        other = (start * 7 + length) % full
+        return other, 1 + (length * 5 + start) % (full - other)
+
+    rows = [(t, l, h, w) for t in range(height) for h in range(1, height - t + 1) for l, w in [partner(t, h, width)]]
+    cols = [(t, l, h, w) for l in range(width) for w in range(1, width - l + 1) for t, h in [partner(l, w, height)]]
+    boxes = torch.tensor(rows + cols)
+    assert ((boxes[:, 0] + boxes[:, 2] <= height) & (boxes[:, 1] + boxes[:, 3] <= width)).all()
+    images = uint8_images(len(boxes), height, width, seed=4)
+    out = tensor_ops.resized_crops(list(images), boxes, size)  # one size, small: the batched path
+    expected = torch.stack([F.resized_crop(image, *box, [size, size], interpolation=BICUBIC, antialias=True)
+                            for image, box in zip(images, boxes.tolist())])
+    torch.testing.assert_close(out * 255, expected.float(), atol=0, rtol=0)
+
+
+def test_resample_weights_by_hand():
+    # Crop [2, 6) of an 8-pixel axis to 2 pixels: scale 2, support 4; output pixel 0 centres at 1 (crop
+    # coordinates), taps 0..2 (trunc(1 - 4 + .5) -> 0, trunc(1 + 4 + .5) = 5 clipped to 4 -> taps 0..3).
+    # Filter argument (j - 1 + .5) / 2 for j = 0..3: -.25, .25, .75, 1.25.
+    def keys(x):
+        x = abs(x)
+        return 1.5 * x ** 3 - 2.5 * x ** 2 + 1 if x < 1 else -0.5 * x ** 3 + 2.5 * x ** 2 - 4 * x + 2
+    raw = [keys(v) for v in (-0.25, 0.25, 0.75, 1.25)]
+    expected = torch.zeros(8, dtype=torch.float64)
+    expected[2:6] = torch.tensor(raw, dtype=torch.float64) / sum(raw)
+    weights = tensor_ops.resample_weights(torch.tensor([2]), torch.tensor([4]), 2, 8)
+    torch.testing.assert_close(weights[0, 0], expected, atol=1e-12, rtol=0)
+    # Enlarging leaves the filter unstretched: 1 pixel to 3 gives weight 1 on it.
+    assert tensor_ops.resample_weights(torch.tensor([5]), torch.tensor([1]), 3, 8)[0, :, 5].tolist() == [1.0] * 3
+
+
+def test_fused_blend_passes_equal_torchvision_op_by_op():
+    x = float_images(8)
+    factors = torch.tensor([[1.3, 0.6, 1.5, 0.1]] * 8) * torch.linspace(0.8, 1.1, 8).view(-1, 1)
+    op = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])
+    out = tensor_ops.blend_ops(x, factors, op)
+    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    for i in range(8):
+        k = int(op[i])
+        expected = ops[k](x[i], float(factors[i, k])) if 0 <= k < 3 else x[i]
+        torch.testing.assert_close(out[i], expected, atol=2e-6, rtol=0)
+    assert torch.equal(out[3], x[3]) and torch.equal(out[4], x[4])  # hue and no-op rows untouched
+
+
+def test_grey_images_skip_the_hue_shift_and_stay_what_torchvision_makes():
+    grey = float_images(4)[:, :1].expand(4, 3, 12, 12).clone()
+    x = torch.cat([grey, float_images(2)])
+    assert tensor_ops.has_colour(x).tolist() == [False] * 4 + [True] * 2
+    factors = torch.tensor([[1.2, 0.8, 1.4, 0.3]] * 6)
+    order = torch.tensor([[3, 0, 1, 2], [0, 3, 2, 1], [1, 2, 3, 0], [2, 1, 0, 3], [3, 2, 1, 0], [0, 1, 3, 2]])
+    out = tensor_ops.color_jitter(x, factors, order, torch.ones(6, dtype=torch.bool))
+    for i in range(6):
+        expected = reference_jitter(x[i], factors[i], order[i].tolist())
+        torch.testing.assert_close(out[i], expected, atol=3e-6, rtol=0)
+    assert not tensor_ops.has_colour(out[:4]).any()
+
+
+def test_inactive_jitter_ops_are_skipped():
+    x = float_images(3)
+    factors = torch.tensor([[1.3, 0.7, 1.6, 0.08]] * 3)
+    order = torch.tensor([[0, 1, 2, 3]] * 3)
+    out = tensor_ops.color_jitter(x, factors, order, torch.ones(3, dtype=torch.bool), (True, False, True, False))
+    for i in range(3):
+        torch.testing.assert_close(out[i], reference_jitter(x[i], factors[i], [0, 2]), atol=3e-6, rtol=0)
+
+
 def test_flip_grayscale_solarize_normalize_per_image():
     x = float_images()
     apply = torch.tensor([True, False, True, True, False, False])
@@ -390,3 +460,28 @@ def test_same_views_on_cuda_as_on_cpu():
         # average, when measured with the float kernel on the CPU.
         diff = (a - b.cpu()).abs() * 0.225 * 255
         assert diff.max() <= 12 and diff.mean() <= 0.5
+
+
+def test_grey_batches_run_on_one_channel_and_give_bitwise_the_rgb_views():
+    # Fashion-MNIST's images are grey RGB: the multi-crop runs on one channel (a third of the work)
+    # and must give exactly the views of the three-channel images, every branch taken.
+    cfg = DataConfig(global_crop_size=20, aug=AugConfig(blur_sigma=[7.0, 21.0], grayscale_p=0.5, solarize_p=0.5,
+                                                        color_jitter_p=0.7))
+    multicrop = TensorMultiCrop(cfg, (0.4,) * 3, (0.3,) * 3)
+    spec = ViewSpec(**{**multicrop.global2.__dict__, "blur_p": 0.5})
+    grey = uint8_images(16, 28, 28, seed=5)[:, :1].expand(16, 3, 28, 28).contiguous()
+    assert tensor_ops.grey_batch(grey) and not tensor_ops.grey_batch(uint8_images(2, 28, 28))
+    params = sample_view_params(spec, torch.full((16,), 28), torch.full((16,), 28), torch.Generator().manual_seed(3))
+    for flag in ("flip", "jitter", "gray", "blur", "solarize"):
+        assert 0 < int(getattr(params, flag).sum()) < 16, flag
+    rgb = apply_view(grey, params, spec, multicrop.mean, multicrop.std)
+    one = apply_view(grey[:, :1], params, spec, multicrop.mean, multicrop.std)
+    assert one.shape == rgb.shape == (16, 3, 20, 20) and torch.equal(one, rgb)
+    views = multicrop(list(grey), torch.Generator().manual_seed(0))  # the grey batch takes the one-channel path
+    assert all(v.shape[1] == 3 for v in views)
+
+
+def test_luma_of_one_channel_is_torchvisions_grey_of_the_rgb_image():
+    v = float_images(4)[:, :1]
+    assert torch.equal(tensor_ops.luma(v), F.rgb_to_grayscale(v.expand(4, 3, 12, 12).contiguous()))
+    assert not torch.equal(tensor_ops.luma(v), v)  # the weights sum to 0.9999
