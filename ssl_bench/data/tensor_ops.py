@@ -76,9 +76,8 @@ def _rgb_to_hsv(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     saturation = chroma / torch.where(grey, ones, maxc)
     divisor = torch.where(grey, ones, chroma)
     rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
-    is_r, is_g = maxc == r, (maxc == g) & (maxc != r)
-    is_b = (maxc != g) & (maxc != r)
-    hue = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
+    # torchvision's masked sum is_r (bc - gc) + is_g (2 + rc - bc) + is_b (4 + gc - rc), as one selection
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, (2.0 + rc) - bc, (4.0 + gc) - rc))
     hue = torch.fmod(hue / 6.0 + 1.0, 1.0)
     return hue, saturation, maxc
 
