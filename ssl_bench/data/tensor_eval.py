@@ -3,7 +3,7 @@
 The same preprocessing as ``transforms.eval_transform`` (Resize ``eval_resize`` bicubic, CenterCrop
 ``eval_crop_size``, normalise) and ``transforms.linear_train_transform`` (RandomResizedCrop
 ``eval_crop_size`` with torchvision's default scale (0.08, 1), flip with p = 0.5, normalise), done by
-the DataLoader's collate function on the batch's uint8 images (``tensor_ops``), as the training crops
+the DataLoader's collate function on the batch's uint8 images (``tensor_resize``), as the training crops
 are. The dataset side is ``tensor_multicrop.image_to_uint8``.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ssl_bench.config import DataConfig
-from ssl_bench.data import tensor_ops
+from ssl_bench.data import tensor_ops, tensor_resize
 from ssl_bench.data.tensor_multicrop import CROP_RATIO, image_to_uint8, sample_crop_boxes
 
 LINEAR_CROP_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop's default, as DINO's eval_linear.py
@@ -38,7 +38,7 @@ class TensorEvalCollate:
 
     def __call__(self, samples):
         images, labels = _split(samples)
-        x = tensor_ops.resize_centre_crop(images, self.resize, self.crop)
+        x = tensor_resize.resize_centre_crop(images, self.resize, self.crop)
         return tensor_ops.normalize(x, self.mean, self.std), labels
 
 
@@ -58,7 +58,7 @@ class TensorLinearTrainCollate:
         widths = torch.tensor([image.shape[-1] for image in images])
         boxes = sample_crop_boxes(heights, widths, LINEAR_CROP_SCALE, CROP_RATIO, generator)
         flip = torch.rand(len(images), generator=generator, dtype=torch.float64) < FLIP_P
-        x = tensor_ops.resized_crops(images, boxes, self.crop)
+        x = tensor_resize.resized_crops(images, boxes, self.crop)
         x = tensor_ops.hflip(x, flip.to(x.device))
         return tensor_ops.normalize(x, self.mean, self.std), labels
 

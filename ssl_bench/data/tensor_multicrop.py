@@ -6,7 +6,7 @@ once, selected by ``data.multicrop=tensor``. Every random parameter is drawn per
 ``torch.Generator`` with torchvision's rules (``RandomResizedCrop.get_params`` with its 10 tries and
 central-crop fallback, ``ColorJitter.get_params`` with its random op order, ``RandomApply`` /
 ``RandomGrayscale`` / ``RandomHorizontalFlip`` / ``RandomSolarize`` draws ``rand < p``, GaussianBlur's
-uniform sigma), then applied by ``tensor_ops``. Parameters are drawn on the CPU whatever the images'
+uniform sigma), then applied by ``tensor_resize`` and ``tensor_ops``. Parameters are drawn on the CPU whatever the images'
 device, so the same generator gives the same views on CPU and GPU (up to float rounding).
 
 In training the DataLoader's collate function (TensorMultiCropCollate) runs it in the loader
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ssl_bench.config import DataConfig
-from ssl_bench.data import decode, tensor_ops
+from ssl_bench.data import decode, tensor_ops, tensor_resize
 from ssl_bench.data.batch import Batch
 from ssl_bench.data.transforms import SOLARIZE_THRESHOLD, blur_params
 
@@ -118,6 +118,10 @@ class ViewParams:
     sigma: torch.Tensor
     solarize: torch.Tensor
 
+    def rows(self, index: slice) -> "ViewParams":
+        """The parameters of rows ``index`` of the N views."""
+        return ViewParams(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+
 
 def sample_view_params(spec: ViewSpec, heights: torch.Tensor, widths: torch.Tensor,
                        generator: torch.Generator) -> ViewParams:
@@ -139,12 +143,21 @@ def sample_view_params(spec: ViewSpec, heights: torch.Tensor, widths: torch.Tens
     return ViewParams(boxes, flip, jitter, factors.float(), order, gray, blur, sigma.float(), coin(spec.solarize_p))
 
 
+CHUNK_VALUES = 2**20  # float values per chunk of views (4 MiB): larger tensors cost a fresh mmap per operation
+
+
 def apply_view(images: list[torch.Tensor], params: ViewParams, spec: ViewSpec,
                mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """One view per image with the given parameters, in DINO's order.
 
     Crop and resize (bicubic, antialias), flip, colour jitter (p, own op order), grey, blur,
-    solarize (threshold 128 of 255), normalise.
+    solarize (threshold 128 of 255), normalise. Each image's view depends on its own parameters
+    only, so the rows may run in any order and grouping. Views of SLICES_MIN_PIXELS or more run
+    sorted by (blurred, slot of the hue shift), so that those two, the costly ops, change few
+    contiguous slices in place (``tensor_ops.on_images_``). All run in chunks
+    of about CHUNK_VALUES float values (every operation allocates its result, and glibc serves an
+    allocation above 32 MiB, such as ten 96-px local views of 32 images, with a fresh, page-faulted
+    mmap each time; chunks stay on its heap). Each view is then copied to its image's row.
 
     Args:
         images: N uint8 (3, H_i, W_i) tensors on one device, or a (N, C, H, W) batch; C = 1 stands for
@@ -152,18 +165,44 @@ def apply_view(images: list[torch.Tensor], params: ViewParams, spec: ViewSpec,
 
     Returns: (N, 3, size, size) float32 on the images' device.
     """
+    n = len(images)
+    order = None
+    if spec.size * spec.size >= tensor_ops.SLICES_MIN_PIXELS:  # ops change slices (tensor_ops.on_images_)
+        key = params.blur.to(torch.int64) * 5 + tensor_ops.hue_slot(params.order, params.jitter, _active(spec))
+        perm = torch.argsort(key, stable=True)
+        params, order = params.rows(perm), perm.tolist()
+        if isinstance(images, torch.Tensor):
+            images = images.index_select(0, perm.to(images.device))
+        else:
+            images = [images[i] for i in order]
+    step = max(1, CHUNK_VALUES // (3 * spec.size * spec.size))
+    if order is None and n <= step:
+        return _apply_chunk(images, params, spec, mean, std)
+    out = torch.empty((n, 3, spec.size, spec.size), device=images[0].device)
+    for start in range(0, n, step):
+        views = _apply_chunk(images[start:start + step], params.rows(slice(start, start + step)), spec, mean, std)
+        if order is None:
+            out[start:start + step] = views
+        else:
+            for view, row in zip(views, order[start:start + step]):  # row by row: a gather copies value by value
+                out[row] = view
+    return out
+
+
+def _active(spec: ViewSpec) -> tuple[bool, ...]:
+    return tuple(lo != hi for lo, hi in jitter_ranges(spec.jitter))  # ColorJitter skips a zero range
+
+
+def _apply_chunk(images, params: ViewParams, spec: ViewSpec, mean, std) -> torch.Tensor:
     device = images[0].device
-    p = {name: getattr(params, name).to(device) for name in ("flip", "jitter", "factors", "order", "gray",
-                                                             "blur", "sigma", "solarize")}
-    x = tensor_ops.resized_crops(images, params.boxes, spec.size)
-    x = tensor_ops.hflip(x, p["flip"])
-    active = tuple(lo != hi for lo, hi in jitter_ranges(spec.jitter))  # ColorJitter skips a zero range
-    x = tensor_ops.color_jitter(x, p["factors"], p["order"], p["jitter"], active)
-    x = tensor_ops.grayscale(x, p["gray"])
-    if spec.blur is not None and bool(p["blur"].any()):
-        rows = p["blur"]
-        x[rows] = tensor_ops.gaussian_blur(x[rows], spec.blur[0], p["sigma"][rows])
-    x = tensor_ops.solarize(x, SOLARIZE_THRESHOLD / 255.0, p["solarize"])
+    p = {name: getattr(params, name).to(device) for name in ("factors", "order", "jitter", "sigma")}
+    x = tensor_resize.resized_crops(images, params.boxes, spec.size)  # a new tensor: changed in place below
+    tensor_ops.hflip_(x, params.flip)
+    tensor_ops.color_jitter_(x, p["factors"], p["order"], p["jitter"], _active(spec))
+    tensor_ops.grayscale_(x, params.gray)
+    if spec.blur is not None:
+        tensor_ops.blur_(x, spec.blur[0], p["sigma"], params.blur)
+    tensor_ops.solarize_(x, SOLARIZE_THRESHOLD / 255.0, params.solarize)
     return tensor_ops.normalize(x, mean, std)
 
 
@@ -204,7 +243,7 @@ class TensorMultiCrop:
         heights = torch.tensor([image.shape[-2] for image in images])
         widths = torch.tensor([image.shape[-1] for image in images])
         shapes = {tuple(image.shape) for image in images}
-        if len(shapes) == 1 and math.prod(next(iter(shapes))[-2:]) <= tensor_ops.BATCHED_RESIZE_MAX_PIXELS:
+        if len(shapes) == 1 and math.prod(next(iter(shapes))[-2:]) <= tensor_resize.BATCHED_RESIZE_MAX_PIXELS:
             images = torch.stack(images)  # the batched resize's input; large images stay a list (no copies)
             if tensor_ops.grey_batch(images):  # Fashion-MNIST: one channel all the way, RGB at normalisation
                 images = images[:, :1]

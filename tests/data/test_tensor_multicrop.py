@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ssl_bench import config as config_lib
 from ssl_bench.config import AugConfig, DataConfig
-from ssl_bench.data import MultiCropTransform, SSLDataModule, tensor_ops
+from ssl_bench.data import MultiCropTransform, SSLDataModule, tensor_ops, tensor_resize
 from ssl_bench.data.tensor_multicrop import (CROP_RATIO, TensorMultiCrop, TensorMultiCropCollate, ViewParams,
                                              ViewSpec, apply_view, jitter_ranges, sample_crop_boxes,
                                              sample_view_params)
@@ -77,7 +77,7 @@ def test_resized_crop_is_torchvision_per_image_and_within_one_grey_level_of_pil(
     images = list(uint8_images(4, 30, 40)) + list(uint8_images(2, 375, 500, seed=1))
     boxes = torch.tensor([[0, 0, 30, 40], [3, 5, 12, 20], [10, 2, 20, 9], [29, 39, 1, 1],
                           [10, 20, 300, 280], [0, 100, 375, 400]])
-    out = tensor_ops.resized_crops(images, boxes, 24)
+    out = tensor_resize.resized_crops(images, boxes, 24)
     assert out.shape == (6, 3, 24, 24) and out.dtype == torch.float32
     for i, (image, box) in enumerate(zip(images, boxes.tolist())):
         v2 = F.resized_crop(image, *box, [24, 24], interpolation=BICUBIC, antialias=True)
@@ -105,7 +105,7 @@ def test_batched_resized_crop_equals_torchvisions_uint8_kernel_for_every_box(hei
     boxes = torch.tensor(rows + cols)
     assert ((boxes[:, 0] + boxes[:, 2] <= height) & (boxes[:, 1] + boxes[:, 3] <= width)).all()
     images = uint8_images(len(boxes), height, width, seed=4)
-    out = tensor_ops.resized_crops(list(images), boxes, size)  # one size, small: the batched path
+    out = tensor_resize.resized_crops(list(images), boxes, size)  # one size, small: the batched path
     expected = torch.stack([F.resized_crop(image, *box, [size, size], interpolation=BICUBIC, antialias=True)
                             for image, box in zip(images, boxes.tolist())])
     torch.testing.assert_close(out * 255, expected.float(), atol=0, rtol=0)
@@ -121,36 +121,49 @@ def test_resample_weights_by_hand():
     raw = [keys(v) for v in (-0.25, 0.25, 0.75, 1.25)]
     expected = torch.zeros(8, dtype=torch.float64)
     expected[2:6] = torch.tensor(raw, dtype=torch.float64) / sum(raw)
-    weights = tensor_ops.resample_weights(torch.tensor([2]), torch.tensor([4]), 2, 8)
+    weights = tensor_resize.resample_weights(torch.tensor([2]), torch.tensor([4]), 2, 8)
     torch.testing.assert_close(weights[0, 0], expected, atol=1e-12, rtol=0)
     # Enlarging leaves the filter unstretched: 1 pixel to 3 gives weight 1 on it.
-    assert tensor_ops.resample_weights(torch.tensor([5]), torch.tensor([1]), 3, 8)[0, :, 5].tolist() == [1.0] * 3
+    assert tensor_resize.resample_weights(torch.tensor([5]), torch.tensor([1]), 3, 8)[0, :, 5].tolist() == [1.0] * 3
 
 
-def test_fused_blend_passes_equal_torchvision_op_by_op():
+def test_jitter_changes_only_the_images_it_applies_to():
     x = float_images(8)
     factors = torch.tensor([[1.3, 0.6, 1.5, 0.1]] * 8) * torch.linspace(0.8, 1.1, 8).view(-1, 1)
-    op = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])
-    out = tensor_ops.blend_ops(x, factors, op)
-    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    order = torch.stack([torch.roll(torch.arange(4), i) for i in range(8)])
+    apply = torch.tensor([True, False, True, True, False, True, False, True])
+    out = tensor_ops.color_jitter(x, factors, order, apply)
     for i in range(8):
-        k = int(op[i])
-        expected = ops[k](x[i], float(factors[i, k])) if 0 <= k < 3 else x[i]
-        torch.testing.assert_close(out[i], expected, atol=2e-6, rtol=0)
-    assert torch.equal(out[3], x[3]) and torch.equal(out[4], x[4])  # hue and no-op rows untouched
+        if apply[i]:
+            torch.testing.assert_close(out[i], reference_jitter(x[i], factors[i], order[i].tolist()), atol=3e-6, rtol=0)
+            assert not torch.equal(out[i], x[i])
+        else:
+            assert torch.equal(out[i], x[i])
 
 
-def test_grey_images_skip_the_hue_shift_and_stay_what_torchvision_makes():
+def test_hue_shift_on_ties_greys_black_and_white_pixels():
+    """The direct formula against torchvision on every tie between channels (where the sector changes)."""
+    levels = torch.tensor([0, 1, 64, 128, 200, 254, 255]) / 255.0
+    rgb = torch.cartesian_prod(levels, levels, levels).T  # (3, 343): every tie pattern, greys, 0 and 1
+    x = rgb.reshape(1, 3, 7, 49).expand(5, 3, 7, 49).clone()
+    factors = torch.tensor([-0.5, -0.17, 0.0, 0.29, 0.5])
+    out = tensor_ops.adjust_hue(x, factors)
+    for i in range(5):
+        torch.testing.assert_close(out[i], F.adjust_hue(x[i], float(factors[i])), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[2], x[2], atol=1e-6, rtol=0)  # a zero shift changes nothing
+
+
+def test_grey_images_stay_exactly_grey_and_what_torchvision_makes():
     grey = float_images(4)[:, :1].expand(4, 3, 12, 12).clone()
     x = torch.cat([grey, float_images(2)])
-    assert tensor_ops.has_colour(x).tolist() == [False] * 4 + [True] * 2
+    assert torch.equal(tensor_ops.adjust_hue(grey, torch.tensor([-0.5, -0.2, 0.3, 0.5])), grey)
     factors = torch.tensor([[1.2, 0.8, 1.4, 0.3]] * 6)
     order = torch.tensor([[3, 0, 1, 2], [0, 3, 2, 1], [1, 2, 3, 0], [2, 1, 0, 3], [3, 2, 1, 0], [0, 1, 3, 2]])
     out = tensor_ops.color_jitter(x, factors, order, torch.ones(6, dtype=torch.bool))
     for i in range(6):
         expected = reference_jitter(x[i], factors[i], order[i].tolist())
         torch.testing.assert_close(out[i], expected, atol=3e-6, rtol=0)
-    assert not tensor_ops.has_colour(out[:4]).any()
+    assert torch.equal(out[:4, 0], out[:4, 1]) and torch.equal(out[:4, 0], out[:4, 2])
 
 
 def test_inactive_jitter_ops_are_skipped():
@@ -228,8 +241,9 @@ def test_zero_jitter_range_is_skipped_as_colorjitter_does():
 
 
 @pytest.mark.parametrize("kernel", [3, 7, 15])
-def test_gaussian_blur_with_a_sigma_per_image(kernel):
-    x = float_images(5, 16)
+@pytest.mark.parametrize("size", [16, 128])  # the grouped convolution, the shifted sums (BLUR_BY_SHIFTS_MIN_PIXELS)
+def test_gaussian_blur_with_a_sigma_per_image(kernel, size):
+    x = float_images(5, size)
     sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 3.3])
     out = tensor_ops.gaussian_blur(x, kernel, sigma)
     for i in range(len(x)):
