@@ -73,9 +73,35 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16 and AMX; Arm's bf16 (Features)
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's model name and which bf16 instructions it has, from ``/proc/cpuinfo`` (or the given text).
+
+    Machines of one kind differ from day to day (an AVX2 EPYC one day, an AVX-512 Xeon with AMX the
+    next), so a speed figure names its CPU, and bf16 autocast on the CPU pays only with these flags.
+    Where there is no ``/proc/cpuinfo``: the model ``platform.processor()`` gives, and no flags.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {"cpu_model": platform.processor() or None, "cpu_bf16": []}
+    model, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return {"cpu_model": model, "cpu_bf16": [flag for flag in BF16_CPU_FLAGS if flag in flags]}
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
-                            "processor": platform.machine(), "cpu_count": os.cpu_count(),
+                            "processor": platform.machine(), "cpu_count": os.cpu_count(), **cpu_info(),
                             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -252,6 +252,9 @@ def precision_settings(cfg: config_lib.Config) -> dict[str, Any]:
     explicit ``MixedPrecision("16-mixed", "cpu")`` keeps fp16 autocast and the loss scaling, so the
     fp16 path of the paper recipes runs (slowly) on a CPU too.
     """
+    if cfg.trainer.precision.startswith("bf16") and runs_on_cpu(cfg) and not repro.cpu_info()["cpu_bf16"]:
+        warnings.warn(f"trainer.precision={cfg.trainer.precision} on a CPU without bf16 instructions "
+                      f"({', '.join(repro.BF16_CPU_FLAGS)}): torch emulates bf16, slower than 32-true", stacklevel=2)
     if cfg.trainer.precision in ("16-mixed", "16") and runs_on_cpu(cfg):
         from lightning.pytorch.plugins import MixedPrecision
 

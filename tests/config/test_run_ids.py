@@ -26,6 +26,8 @@ STUDY_RUN_IDS = {
     ],
     "experiments/fashion_mnist_dino_best.yaml": ["dino-a86025cd"],
     "experiments/fashion_mnist_dino_long.yaml": ["dino-01e7f743"],
+    "experiments/precision_bf16_cpu.yaml": ["dino-bebe7abb", "dino-53b51dff", "dino-c34feeae", "dino-6b01b812",
+                                           "dino-3d2f8855", "dino-3e9ff098"],
     "experiments/recipes/dino_table7_ablation.yaml": [
         "dino-611622af", "dino_no_momentum-7192325d", "dino_sinkhorn-8296d29c", "dino_no_multicrop-23a1d881",
     ],
