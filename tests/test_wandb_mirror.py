@@ -69,8 +69,26 @@ def run_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def offline_runs(directory: Path) -> list[Path]:
-    return sorted((directory / "wandb").glob("offline-run-*/run-*.wandb"))
+def offline_runs(directory: Path, timeout: float = 30.0) -> list[Path]:
+    """The offline runs' logs, once each ends in its exit record.
+
+    ``run.finish()`` can return before wandb-core has flushed the log (seen in CI: a log without its
+    run record yet), so this waits, up to ``timeout`` seconds, for the writer to catch up.
+    """
+    deadline = time.time() + timeout
+    while True:
+        runs = sorted((directory / "wandb").glob("offline-run-*/run-*.wandb"))
+        if (runs and all(map(_ends_in_exit, runs))) or time.time() > deadline:
+            return runs
+        time.sleep(0.05)
+
+
+def _ends_in_exit(path: Path) -> bool:
+    try:
+        records = read_records(path)[0]
+    except Exception:  # a chunk still being written
+        return False
+    return bool(records) and records[-1].WhichOneof("record_type") == "exit"
 
 
 def wandb_descendants() -> list[str]:
