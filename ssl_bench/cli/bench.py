@@ -1,4 +1,4 @@
-"""``ssl-bench bench train|data|knn|make-images``: speed figures as a table and a JSON record in ``results/bench/``.
+"""``ssl-bench bench train|data|compare|knn|make-images``: speed figures as a table and a JSON record in ``results/bench/``.
 
 Each JSON record carries its provenance (git sha and dirty flag, package versions, hardware, the
 resolved config and the command line), so figures can be compared across commits and machines.
@@ -139,6 +139,53 @@ def _bench_data_compare(args: argparse.Namespace, workers: list[int], warmup: in
     return 0
 
 
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    """ssl-bench beside the official DINO loop and lightly, interleaved; one record for the pass."""
+    import os
+
+    from ssl_bench.bench import side_by_side as sbs
+    from ssl_bench.bench.reference_loops import run_isolated
+    from ssl_bench.bench.train import bench_train_isolated
+
+    _check_counts(steps=args.steps, repeats=args.repeats)
+    if args.warmup < 0:
+        raise config_lib.ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in config_lib.PRECISIONS]
+    if bad or not precisions:
+        raise config_lib.ConfigError(f"--precisions: {', '.join(map(repr, bad)) or 'none given'}; choose from "
+                                     f"{', '.join(config_lib.PRECISIONS)}")
+    dino_src = args.dino_src or os.environ.get("DINO_SRC") or None
+    wanted_references = set(loops) - {"ssl-bench"}
+    loops, skipped = sbs.available_loops(loops, dino_src)
+    for loop, reason in skipped.items():
+        print(f"[bench compare] skipping {loop}: {reason}", flush=True)
+    if not loops:
+        raise config_lib.ConfigError("--loops: nothing left to run (" + "; ".join(skipped.values()) + ")")
+    entries = []
+    for path in args.configs:  # every config, precision and reference job checked before the first run
+        cfgs = {p: config_lib.load_config(path, [*args.overrides, f"trainer.precision={p}"]) for p in precisions}
+        sbs.check_synthetic(cfgs[precisions[0]], path)
+        job = sbs.reference_job(cfgs[precisions[0]], args.steps, args.warmup) if wanted_references else None
+        entries.append(sbs.Entry(Path(path).stem, cfgs, job))
+    result = sbs.compare_loops(entries, loops, precisions, args.steps, args.warmup, args.repeats,
+                               bench_train_isolated, run_isolated, dino_src)
+    result["skipped"] = skipped
+    print(format_compare(result))
+    write_record(args, "compare", "+".join(e.name for e in entries), config_files=args.configs,
+                 overrides=args.overrides, loops=loops, precisions=precisions, steps=args.steps, warmup=args.warmup,
+                 repeats=args.repeats, configs={e.name: config_lib.to_dict(e.cfgs[precisions[0]]) for e in entries},
+                 reference_jobs={e.name: e.job for e in entries}, **result)
+    return 0
+
+
+def format_compare(result: dict[str, Any]) -> str:
+    from ssl_bench.bench.side_by_side import format_table
+
+    return format_table(result)
+
+
 def cmd_bench_make_images(args: argparse.Namespace) -> int:
     from ssl_bench.bench.images import make_images, parse_size
 
@@ -210,6 +257,22 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=1, help="with --compare: rounds, each a fresh loader per variant")
     _output_args(p)
     p.set_defaults(func=cmd_bench_data)
+
+    p = bench_sub.add_parser("compare", help="ssl-bench beside the official DINO loop and lightly, interleaved, "
+                                             "fresh processes, medians; one JSON record")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="DINO config YAML files (experiments/bench/tiny_cpu_*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override applied to every config (repeatable)")
+    p.add_argument("--loops", default="ssl-bench,official,lightly",
+                   help="comma-separated, from ssl-bench, official (needs --dino-src or DINO_SRC), lightly (if installed)")
+    p.add_argument("--precisions", default="32-true",
+                   help="ssl-bench's trainer.precision values, e.g. 32-true,bf16-mixed (the references run fp32)")
+    p.add_argument("--dino-src", default=None, help="a facebookresearch/dino checkout (default: $DINO_SRC)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each loop runs once per round, in a fresh process")
+    _output_args(p)
+    p.set_defaults(func=cmd_bench_compare)
 
     p = bench_sub.add_parser("make-images", help="generated test JPEGs in ImageNet layout DIR/{train,val}/<class>/")
     p.add_argument("root", metavar="DIR", help="output folder (train/ and val/ must be new or empty)")
