@@ -46,8 +46,8 @@ DINO_FILES = ("main_dino.py", "utils.py", "vision_transformer.py")
 class TimedBatches:
     """``total`` pre-made ``(crops, labels)`` batches; ``marks`` holds the time of every request and of the end."""
 
-    def __init__(self, batches: list[Any], total: int) -> None:
-        self.batches, self.total = batches, total
+    def __init__(self, batches: list[Any], total: int, profiler: Any = None) -> None:
+        self.batches, self.total, self.profiler = batches, total, profiler
         self.marks: list[float] = []
         self.losses: list[float] = []  # filled by the loop that consumes the batches
 
@@ -56,8 +56,14 @@ class TimedBatches:
 
     def __iter__(self) -> Iterator[Any]:
         for i in range(self.total):
-            self.marks.append(time.perf_counter())
+            self.mark()
             yield self.batches[i % len(self.batches)]
+        self.mark()
+
+    def mark(self) -> None:
+        """A step ended (or the first begins): its time, and the profiler's step."""
+        if self.marks and self.profiler is not None:
+            self.profiler.step()
         self.marks.append(time.perf_counter())
 
 
@@ -144,7 +150,7 @@ def official_loop(job: dict[str, Any], device: torch.device) -> TimedBatches:
     wd = dino_utils.cosine_scheduler(job["weight_decay"], job["weight_decay_end"], 1, total)
     momentum = dino_utils.cosine_scheduler(job["momentum_teacher"], 1, 1, total)
     args = argparse.Namespace(epochs=1, clip_grad=job["clip_grad"], freeze_last_layer=0)
-    batches = TimedBatches(synthetic_batches(job, device), total)
+    batches = TimedBatches(synthetic_batches(job, device), total, job.get("profiler"))
     stats = main_dino.train_one_epoch(student, teacher, teacher, loss, batches, optimizer, lr, wd, momentum, 0,
                                       None, args)
     batches.losses = [stats["loss"]]  # the loop's own average over the epoch
@@ -190,7 +196,7 @@ def lightly_loop(job: dict[str, Any], device: torch.device) -> TimedBatches:
     optimizer = torch.optim.AdamW(student.parameters(), lr=job["lr"] * job["batch_size"] / 256.0,
                                   weight_decay=job["weight_decay"])
     total = job["warmup"] + job["steps"]
-    batches = TimedBatches(synthetic_batches(job, device), total)
+    batches = TimedBatches(synthetic_batches(job, device), total, job.get("profiler"))
     for views, _ in batches:
         update_momentum(student, teacher, m=job["momentum_teacher"])
         teacher_out = [teacher[1](teacher[0](v)) for v in views[:2]]
@@ -233,8 +239,13 @@ def run_loop(job: dict[str, Any]) -> dict[str, Any]:
             dist.init_process_group("gloo", init_method=f"file://{store}/pg", rank=0, world_size=1)
             stack.callback(dist.destroy_process_group)
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # the loop's own log lines
+        prof = None
+        if job.get("profile"):
+            from ssl_bench.bench.profiling import step_profiler
+
+            prof = stack.enter_context(step_profiler(job["warmup"], job["steps"]))
         started = time.perf_counter()
-        batches = loop(job, device)
+        batches = loop({**job, "profiler": prof}, device)
         loop_s = time.perf_counter() - started
     steps = [b - a for a, b in zip(batches.marks, batches.marks[1:])][job["warmup"]:]
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
@@ -246,6 +257,10 @@ def run_loop(job: dict[str, Any]) -> dict[str, Any]:
                "rss_before_model_mb": rss_before, "loop_s": loop_s, "threads": torch.get_num_threads(),
                "device": str(device), "precision": "32-true", "torch": torch.__version__,
                "loss_mean": statistics.fmean(batches.losses)}
+    if prof is not None:
+        from ssl_bench.bench.profiling import ops_per_step
+
+        figures["profile"] = ops_per_step(prof, job["steps"])
     if job["loop"] == "official":
         figures["dino_src"] = {"path": job["dino_src"], **dino_commit(job["dino_src"])}
     else:

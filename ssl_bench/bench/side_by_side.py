@@ -132,14 +132,18 @@ def available_loops(loops: list[str], dino_src: Optional[str]) -> tuple[list[str
     return [name for name in loops if name not in skipped], skipped
 
 
-SslRunner = Callable[[config_lib.Config, int, int, bool], dict[str, Any]]
+SslRunner = Callable[..., dict[str, Any]]  # (cfg, steps, warmup, synthetic[, profile]) -> figures
 RefRunner = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def compare_loops(entries: list[Entry], loops: list[str], precisions: list[str], steps: int, warmup: int,
                   repeats: int, run_ssl: SslRunner, run_reference: RefRunner,
-                  dino_src: Optional[str] = None) -> dict[str, Any]:
-    """Run every (config, loop, precision) once per repeat, interleaved; return the runs and their summary."""
+                  dino_src: Optional[str] = None, profile: bool = False) -> dict[str, Any]:
+    """Run every (config, loop, precision) once per repeat, interleaved; return the runs and their summary.
+
+    With ``profile``, one more round runs every loop under torch's profiler; its per-op figures go to
+    ``profiles[config][label]`` (label ``ssl-bench 32-true``, ``official``...) and stay out of the medians.
+    """
     if repeats < 1:
         raise ValueError(f"need repeats >= 1, got {repeats}")
     variants = [("ssl-bench", p) for p in precisions if "ssl-bench" in loops]
@@ -157,7 +161,18 @@ def compare_loops(entries: list[Entry], loops: list[str], precisions: list[str],
                 runs.append({"repeat": repeat, "config": entry.name, "loop": loop, "precision": precision, **figures})
                 print(f"[bench compare]   {figures['images_per_s']:.2f} img/s, "
                       f"peak {figures['peak_memory_mb']:.0f} MiB", flush=True)
-    return {"runs": runs, "summary": summarise(runs, [e.name for e in entries], variants)}
+    result: dict[str, Any] = {"runs": runs, "summary": summarise(runs, [e.name for e in entries], variants)}
+    if profile:
+        result["profiles"] = {}
+        for entry in entries:
+            for loop, precision in variants:
+                label = f"{loop} {precision}" if loop == "ssl-bench" else loop
+                print(f"[bench compare] profile, {entry.name}: {label}", flush=True)
+                figures = (run_ssl(entry.cfgs[precision], steps, warmup, True, True) if loop == "ssl-bench"
+                           else run_reference({**entry.job, "loop": loop, "dino_src": dino_src, "profile": True}))
+                result["profiles"].setdefault(entry.name, {})[label] = {
+                    "images_per_s_profiled": figures["images_per_s"], **figures["profile"]}
+    return result
 
 
 def summarise(runs: list[dict[str, Any]], configs: list[str], variants: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -201,4 +216,10 @@ def format_table(result: dict[str, Any]) -> str:
                      f"| {s['step_s_median']:.3f} | {s['peak_memory_mb']:.0f} |")
     for loop, reason in result.get("skipped", {}).items():
         lines.append(f"\nskipped {loop}: {reason}")
+    for name, profiles in result.get("profiles", {}).items():
+        from ssl_bench.bench.profiling import compare_ops
+
+        base = "official" if "official" in profiles else next(iter(profiles))
+        lines.append(f"\nprofile of {name}, self CPU ms per step, largest differences from {base} first "
+                     f"(profiled runs are slower):\n" + compare_ops(profiles, base))
     return "\n".join(lines)

@@ -76,8 +76,8 @@ class StepTimer(Callback):
     """Wall time of every training step (batch start to batch end, device synchronised) and of each
     interval between step ends, which also holds the wait for the next batch."""
 
-    def __init__(self, warmup: int, total: int, report_every_s: float = 10.0) -> None:
-        self.warmup, self.total = warmup, total
+    def __init__(self, warmup: int, total: int, report_every_s: float = 10.0, profiler: Any = None) -> None:
+        self.warmup, self.total, self.profiler = warmup, total, profiler
         self.step_s: list[float] = []
         self.interval_s: list[float] = []
         self._start = self._last_end = 0.0
@@ -97,6 +97,8 @@ class StepTimer(Callback):
             self.step_s.append(end - self._start)
             self.interval_s.append(end - self._last_end)
         self._last_end = end
+        if self.profiler is not None:
+            self.profiler.step()
         if end - self._last_report > self._report_every_s or batch_idx + 1 == self.total:
             phase = "warm-up" if batch_idx < self.warmup else "timed"
             print(f"[bench train] step {batch_idx + 1}/{self.total} ({phase}): {end - self._start:.3f} s", flush=True)
@@ -146,8 +148,13 @@ def bench_config(cfg: config_lib.Config) -> config_lib.Config:
     return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, freeze_last_layer_epochs=0.0))
 
 
-def bench_train(cfg: config_lib.Config, steps: int = 20, warmup: int = 5, synthetic: bool = True) -> dict[str, Any]:
-    """Run ``warmup + steps`` training steps of ``cfg`` and return the figures of the last ``steps``."""
+def bench_train(cfg: config_lib.Config, steps: int = 20, warmup: int = 5, synthetic: bool = True,
+                profile: bool = False) -> dict[str, Any]:
+    """Run ``warmup + steps`` training steps of ``cfg`` and return the figures of the last ``steps``.
+
+    With ``profile`` the timed steps run under torch's profiler and the figures gain ``profile``
+    (:func:`ssl_bench.bench.profiling.ops_per_step`); they are then slower than unprofiled ones.
+    """
     from ssl_bench.run.train import build_datamodule, pipeline_options
 
     if steps < 1 or warmup < 0:
@@ -171,11 +178,22 @@ def bench_train(cfg: config_lib.Config, steps: int = 20, warmup: int = 5, synthe
                                                 seed=cfg.seed), batch_size=None, shuffle=False)
     else:
         loader = build_datamodule(cfg, method)
-    timer = StepTimer(warmup, total)
+    prof = None
+    if profile:
+        from ssl_bench.bench.profiling import step_profiler
+
+        prof = step_profiler(warmup, steps)
+        prof.start()
+    timer = StepTimer(warmup, total, profiler=prof)
     started = time.perf_counter()
     trainer = fit_steps(cfg, method, loader, total, [timer])
     fit_s = time.perf_counter() - started
     figures = summarise(cfg, method, timer, flops, fit_s, synthetic, trainer.world_size)
+    if prof is not None:
+        from ssl_bench.bench.profiling import ops_per_step
+
+        prof.stop()
+        figures["profile"] = ops_per_step(prof, steps)
     return {**figures, "rss_before_model_mb": baseline_mb}
 
 
@@ -259,9 +277,11 @@ def format_runs(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_train_isolated(cfg: config_lib.Config, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
+def bench_train_isolated(cfg: config_lib.Config, steps: int, warmup: int, synthetic: bool,
+                         profile: bool = False) -> dict[str, Any]:
     """:func:`bench_train` in a fresh interpreter, so its peak RSS and caches are its own."""
-    job = {"config": config_lib.to_dict(cfg), "steps": steps, "warmup": warmup, "synthetic": synthetic}
+    job = {"config": config_lib.to_dict(cfg), "steps": steps, "warmup": warmup, "synthetic": synthetic,
+           "profile": profile}
     # stdout: progress lines, passed on as they come, then the figures as one JSON line; stderr passes through.
     proc = subprocess.Popen([sys.executable, "-m", "ssl_bench.bench.train", json.dumps(job)],
                             stdout=subprocess.PIPE, text=True)
@@ -277,6 +297,7 @@ def bench_train_isolated(cfg: config_lib.Config, steps: int, warmup: int, synthe
 
 if __name__ == "__main__":
     _job = json.loads(sys.argv[1])
-    _figures = bench_train(config_lib.from_dict(_job["config"]), _job["steps"], _job["warmup"], _job["synthetic"])
+    _figures = bench_train(config_lib.from_dict(_job["config"]), _job["steps"], _job["warmup"], _job["synthetic"],
+                           _job.get("profile", False))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(json.dumps(_figures), flush=True)  # under DDP every rank runs this file; rank 0 reports

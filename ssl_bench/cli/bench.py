@@ -170,7 +170,7 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
         job = sbs.reference_job(cfgs[precisions[0]], args.steps, args.warmup) if wanted_references else None
         entries.append(sbs.Entry(Path(path).stem, cfgs, job))
     result = sbs.compare_loops(entries, loops, precisions, args.steps, args.warmup, args.repeats,
-                               bench_train_isolated, run_isolated, dino_src)
+                               bench_train_isolated, run_isolated, dino_src, profile=args.profile)
     result["skipped"] = skipped
     print(format_compare(result))
     write_record(args, "compare", "+".join(e.name for e in entries), config_files=args.configs,
@@ -271,6 +271,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="rounds; each loop runs once per round, in a fresh process")
+    p.add_argument("--profile", action="store_true",
+                   help="one more round under torch's profiler: self CPU ms per step by op, per loop (not in the medians)")
     _output_args(p)
     p.set_defaults(func=cmd_bench_compare)
 

@@ -20,6 +20,7 @@ import yaml
 
 from ssl_bench import cli
 from ssl_bench import config as config_lib
+from ssl_bench.bench import profiling
 from ssl_bench.bench import reference_loops as refs
 from ssl_bench.bench import side_by_side as sbs
 from tests.conftest import TINY
@@ -81,13 +82,17 @@ def test_compare_loops_interleave_and_ratios_are_to_the_official_median():
     rates = iter(range(10, 100))
     calls = []
 
-    def fake_ssl(c, steps, warmup, synthetic):
+    def fake_ssl(c, steps, warmup, synthetic, profile=False):
         calls.append(("ssl-bench", c.trainer.precision, steps, warmup, synthetic))
-        return {"images_per_s": float(next(rates)), "step_s_median": 1.0, "peak_memory_mb": 100.0}
+        return {"images_per_s": float(next(rates)), "step_s_median": 1.0, "peak_memory_mb": 100.0,
+                **({"profile": {"self_cpu_ms_per_step": {"aten::mm": 5.0}, "total_self_cpu_ms_per_step": 9.0}}
+                   if profile else {})}
 
     def fake_reference(job):
         calls.append((job["loop"], job["x"], job["dino_src"]))
-        return {"images_per_s": float(next(rates)), "step_s_median": 2.0, "peak_memory_mb": 200.0}
+        return {"images_per_s": float(next(rates)), "step_s_median": 2.0, "peak_memory_mb": 200.0,
+                **({"profile": {"self_cpu_ms_per_step": {"aten::mm": 4.0, "aten::bmm": 1.5},
+                                "total_self_cpu_ms_per_step": 8.0}} if job.get("profile") else {})}
 
     result = sbs.compare_loops(entries, ["ssl-bench", "official"], ["32-true", "bf16-mixed"], 5, 1, 3,
                                fake_ssl, fake_reference, "/dino")
@@ -108,7 +113,28 @@ def test_compare_loops_interleave_and_ratios_are_to_the_official_median():
     assert "| a | ssl-bench | bf16-mixed | 17.00 | 11.00, 17.00, 23.00 | 0.94 | 0.92-0.96 |" in table
     assert "skipped lightly: not installed" in table
     alone = sbs.compare_loops(entries[:1], ["ssl-bench"], ["32-true"], 5, 1, 1, fake_ssl, fake_reference)
-    assert alone["summary"][0]["ratio_to_official"] is None
+    assert alone["summary"][0]["ratio_to_official"] is None and "profiles" not in alone
+    profiled = sbs.compare_loops(entries[:1], ["ssl-bench", "official"], ["32-true"], 5, 1, 1, fake_ssl,
+                                 fake_reference, profile=True)
+    assert len(profiled["runs"]) == 2  # the profiled round is not among the timed runs
+    assert set(profiled["profiles"]["a"]) == {"ssl-bench 32-true", "official"}
+    table = sbs.format_table(profiled)
+    assert "| `aten::bmm` | - | 1.5 |" in table and "| `aten::mm` | 5.0 | 4.0 |" in table
+    assert table.index("aten::bmm") < table.index("aten::mm")  # the larger difference first
+    assert "| all ops | 9.0 | 8.0 |" in table
+
+
+def test_ops_per_step_counts_the_calls_of_each_step():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    prof = profiling.step_profiler(warmup=2, steps=3)
+    with prof:
+        for _ in range(5):
+            (a @ b).relu_()
+            torch.mm(a, b)
+            prof.step()
+    ops = profiling.ops_per_step(prof, steps=3)
+    assert ops["calls_per_step"]["aten::mm"] == 2.0 and ops["calls_per_step"]["aten::relu_"] == 1.0
+    assert ops["total_self_cpu_ms_per_step"] == pytest.approx(sum(ops["self_cpu_ms_per_step"].values()), abs=0.01)
 
 
 def test_timed_batches_mark_every_request_and_the_end():
