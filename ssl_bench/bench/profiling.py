@@ -13,7 +13,7 @@ import torch
 
 def step_profiler(warmup: int, steps: int) -> torch.profiler.profile:
     """A CPU profiler that records the ``steps`` steps after ``warmup``; call ``.step()`` after every step."""
-    schedule = torch.profiler.schedule(wait=max(warmup - 1, 0), warmup=min(warmup, 1), active=steps)
+    schedule = torch.profiler.schedule(wait=max(warmup - 1, 0), warmup=min(warmup, 1), active=steps, repeat=1)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)

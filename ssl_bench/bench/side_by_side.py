@@ -22,6 +22,7 @@ from ssl_bench.bench.train import bench_config
 
 REFERENCE_LOOPS = ("official", "lightly")
 LOOPS = ("ssl-bench", *REFERENCE_LOOPS)
+REAL_DATA = "ssl-bench (real data)"  # the label of ssl-bench's runs on its own data pipeline (--real-data)
 VIT_SHAPES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # embed dim, heads
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VIT_KWARGS = ("embed_dim", "num_heads")  # the backbone.kwargs the reference ViTs take
@@ -138,8 +139,11 @@ RefRunner = Callable[[dict[str, Any]], dict[str, Any]]
 
 def compare_loops(entries: list[Entry], loops: list[str], precisions: list[str], steps: int, warmup: int,
                   repeats: int, run_ssl: SslRunner, run_reference: RefRunner,
-                  dino_src: Optional[str] = None, profile: bool = False) -> dict[str, Any]:
+                  dino_src: Optional[str] = None, profile: bool = False, real_data: bool = False) -> dict[str, Any]:
     """Run every (config, loop, precision) once per repeat, interleaved; return the runs and their summary.
+
+    With ``real_data``, ssl-bench also runs on the config's own data pipeline in each precision, as the loop
+    ``ssl-bench (real data)``: the end-to-end figure beside the references' synthetic-crop step.
 
     With ``profile``, one more round runs every loop under torch's profiler; its per-op figures go to
     ``profiles[config][label]`` (label ``ssl-bench 32-true``, ``official``...) and stay out of the medians.
@@ -147,6 +151,7 @@ def compare_loops(entries: list[Entry], loops: list[str], precisions: list[str],
     if repeats < 1:
         raise ValueError(f"need repeats >= 1, got {repeats}")
     variants = [("ssl-bench", p) for p in precisions if "ssl-bench" in loops]
+    variants += [(REAL_DATA, p) for p in precisions if real_data and "ssl-bench" in loops]
     variants += [(name, "32-true") for name in REFERENCE_LOOPS if name in loops]
     runs = []
     for repeat in range(repeats):
@@ -154,8 +159,8 @@ def compare_loops(entries: list[Entry], loops: list[str], precisions: list[str],
             for loop, precision in variants:
                 print(f"[bench compare] repeat {repeat + 1}/{repeats}, {entry.name}: {loop} {precision} "
                       f"({warmup} warm-up + {steps} timed steps)", flush=True)
-                if loop == "ssl-bench":
-                    figures = run_ssl(entry.cfgs[precision], steps, warmup, True)
+                if loop in ("ssl-bench", REAL_DATA):
+                    figures = run_ssl(entry.cfgs[precision], steps, warmup, loop == "ssl-bench")
                 else:
                     figures = run_reference({**entry.job, "loop": loop, "dino_src": dino_src})
                 runs.append({"repeat": repeat, "config": entry.name, "loop": loop, "precision": precision, **figures})
@@ -166,6 +171,8 @@ def compare_loops(entries: list[Entry], loops: list[str], precisions: list[str],
         result["profiles"] = {}
         for entry in entries:
             for loop, precision in variants:
+                if loop == REAL_DATA:  # the profile is of the step; the synthetic run has it
+                    continue
                 label = f"{loop} {precision}" if loop == "ssl-bench" else loop
                 print(f"[bench compare] profile, {entry.name}: {label}", flush=True)
                 figures = (run_ssl(entry.cfgs[precision], steps, warmup, True, True) if loop == "ssl-bench"

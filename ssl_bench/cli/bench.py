@@ -159,6 +159,8 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     dino_src = args.dino_src or os.environ.get("DINO_SRC") or None
     wanted_references = set(loops) - {"ssl-bench"}
     loops, skipped = sbs.available_loops(loops, dino_src)
+    if args.real_data and "ssl-bench" not in loops:
+        raise config_lib.ConfigError("--real-data runs ssl-bench on its data pipeline; add ssl-bench to --loops")
     for loop, reason in skipped.items():
         print(f"[bench compare] skipping {loop}: {reason}", flush=True)
     if not loops:
@@ -170,7 +172,8 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
         job = sbs.reference_job(cfgs[precisions[0]], args.steps, args.warmup) if wanted_references else None
         entries.append(sbs.Entry(Path(path).stem, cfgs, job))
     result = sbs.compare_loops(entries, loops, precisions, args.steps, args.warmup, args.repeats,
-                               bench_train_isolated, run_isolated, dino_src, profile=args.profile)
+                               bench_train_isolated, run_isolated, dino_src, profile=args.profile,
+                               real_data=args.real_data)
     result["skipped"] = skipped
     print(format_compare(result))
     write_record(args, "compare", "+".join(e.name for e in entries), config_files=args.configs,
@@ -271,6 +274,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="rounds; each loop runs once per round, in a fresh process")
+    p.add_argument("--real-data", action="store_true",
+                   help="also run ssl-bench on each config's own data pipeline (end to end), in every precision")
     p.add_argument("--profile", action="store_true",
                    help="one more round under torch's profiler: self CPU ms per step by op, per loop (not in the medians)")
     _output_args(p)

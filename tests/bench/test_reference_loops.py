@@ -124,6 +124,25 @@ def test_compare_loops_interleave_and_ratios_are_to_the_official_median():
     assert "| all ops | 9.0 | 8.0 |" in table
 
 
+def test_real_data_runs_are_ssl_bench_on_its_own_pipeline_beside_the_references():
+    cfg = config_lib.build_config(TINY)
+    seen = []
+
+    def fake_ssl(c, steps, warmup, synthetic, profile=False):
+        seen.append(synthetic)
+        return {"images_per_s": 30.0 if synthetic else 15.0, "step_s_median": 1.0, "peak_memory_mb": 1.0}
+
+    def fake_reference(job):
+        return {"images_per_s": 10.0, "step_s_median": 1.0, "peak_memory_mb": 1.0}
+
+    result = sbs.compare_loops([sbs.Entry("a", {"32-true": cfg}, {})], ["ssl-bench", "official"], ["32-true"], 1, 0,
+                               2, fake_ssl, fake_reference, real_data=True)
+    assert seen == [True, False, True, False]
+    rows = {s["loop"]: s for s in result["summary"]}
+    assert rows[sbs.REAL_DATA]["ratio_to_official"] == pytest.approx(1.5)
+    assert rows["ssl-bench"]["ratio_to_official"] == pytest.approx(3.0)
+
+
 def test_ops_per_step_counts_the_calls_of_each_step():
     a, b = torch.randn(64, 64), torch.randn(64, 64)
     prof = profiling.step_profiler(warmup=2, steps=3)
