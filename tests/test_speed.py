@@ -137,7 +137,8 @@ def assert_same(fast, plain, atol: float) -> None:
 @pytest.mark.parametrize("backbone, options", [
     (VIT, {"fused_optimizer": True, "activation_checkpointing": True, "compile": False}),
     (RESNET, {"fused_optimizer": True, "channels_last": True, "compile": False}),
-], ids=["vit-fused-checkpointing", "resnet18-fused-channels_last"])
+    (VIT, {"fused_optimizer": True, "fused_attention": False, "compile": False}),
+], ids=["vit-fused-checkpointing", "resnet18-fused-channels_last", "vit-explicit-attention"])
 def test_optimised_step_matches_plain_step(backbone, options):
     cfg = make_cfg(backbone, **options)
     assert_same(optimised_run(cfg), plain_run(make_cfg(backbone, fused_optimizer=False, compile=False,

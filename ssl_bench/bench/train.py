@@ -243,6 +243,7 @@ def summarise(cfg: config_lib.Config, method: SSLMethod, timer: StepTimer, flops
         "fit_s": fit_s, "synthetic": synthetic, "world_size": world_size,
         "batch_size": cfg.data.batch_size, "threads": torch.get_num_threads(), "device": str(device),
         "speed": dataclasses.asdict(cfg.speed), "compiled": speed.is_compiled(method),
+        "speed_levers": getattr(method, "speed_levers", None),
     }
 
 

@@ -210,8 +210,9 @@ class TrainConfig:
 class SpeedConfig:
     """Levers that change how fast a step runs, not what it computes (kept out of the run id).
 
-    ``null`` (auto) picks what measured faster (README "Speed"): channels_last for convolutional
-    backbones; the small-map convolution gradient on CPU.
+    ``null`` (auto) leaves the choice to ``auto``: ``rules`` gives channels_last for convolutional backbones,
+    the small-map convolution gradient on CPU and timm's SDPA attention; ``measure`` times them on this
+    machine once and caches the winner (README "Speed").
     """
 
     compile: bool = False  # torch.compile of backbones and heads (minutes of compilation first)
@@ -219,6 +220,10 @@ class SpeedConfig:
     small_map_conv: Optional[bool] = None  # CPU: conv weight gradients of tiny maps as one GEMM; null = auto
     fused_optimizer: bool = True  # fused AdamW/SGD kernels instead of one op per parameter tensor
     activation_checkpointing: bool = False  # ViTs: recompute block activations in backward (less memory)
+    fused_attention: Optional[bool] = None  # ViTs: timm's SDPA kernel (true) or explicit softmax attention; null = auto
+    # how levers left null are chosen: rules (fixed, above) | measure (timed once on this machine and config
+    # shape, cached per CPU/GPU and torch version: run/lever_tuning.py)
+    auto: str = checked("rules", one_of("rules", "measure"))
 
 
 @dataclass

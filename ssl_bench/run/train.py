@@ -141,7 +141,9 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     method = build_method(cfg)
-    speed.apply(method, cfg)
+    levers = speed.apply(method, cfg)
+    if repro.launch_rank(cfg.trainer.devices) == 0:  # rank 0 owns env.json
+        run_dir.update_env({"speed_levers": levers})
     datamodule = build_datamodule(cfg, method)
     metrics, timing, protocol = attempt.metrics, attempt.timing, attempt.protocol
 

@@ -103,6 +103,11 @@ class RunDir:
     def write_result(self, result: Mapping[str, Any]) -> None:
         write_json(self.path / RESULT_FILE, result)
 
+    def update_env(self, extra: Mapping[str, Any]) -> None:
+        """Add keys to this attempt's env.json (e.g. ``speed_levers``, chosen once the model exists)."""
+        env = json.loads((self.path / ENV_FILE).read_text())
+        write_json(self.path / ENV_FILE, {**env, **extra})
+
 
 def record_eval(directory: Path, eval_id: str, record: Mapping[str, Any]) -> Path:
     """Store a post-hoc evaluation: ``evals/<eval_id>.json`` and ``result.json["evals"][eval_id]``.

@@ -25,6 +25,10 @@ def test_method_trains_two_steps_and_writes_run_dir(name, tiny_tree):
     assert config_lib.run_id(config_lib.from_dict(yaml.safe_load((d / "config.yaml").read_text()))) == d.name
     env = json.loads((d / "env.json").read_text())
     assert {"git", "versions", "hardware", "seed", "world_size"} <= set(env) and env["seed"] == cfg.seed
+    levers = env["speed_levers"]  # the levers as applied, with source and reason
+    assert set(levers) == {"small_map_conv", "channels_last", "fused_attention"}
+    assert levers["channels_last"] == {"value": False, "source": "rules",
+                                       "reason": "speed.auto=rules (on for convolutional backbones)"}
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if "train/loss" in x]
     assert [x["step"] for x in train_lines] == [0, 1]
