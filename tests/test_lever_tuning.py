@@ -57,12 +57,16 @@ def test_rules_by_default_with_their_reasons():
     choices = speed.apply(method, cfg)
     sdpa = speed.rules(is_vit=True, cuda=False)["fused_attention"]  # timm's default: True unless TIMM_FUSED_ATTN=0
     assert {k: (c["value"], c["source"]) for k, c in choices.items()} == {
-        "small_map_conv": (True, "rules"), "channels_last": (True, "rules"), "fused_attention": (sdpa, "rules")}
+        "small_map_conv": (True, "rules"), "channels_last": (True, "rules"),
+        "fused_attention": (None, "not applicable")}
     assert method.speed_levers is choices and "speed.auto=rules" in choices["channels_last"]["reason"]
     vit_cfg = cfg_of({"speed": {"fused_attention": False}})
     vit = build_method(vit_cfg)
     choices = speed.apply(vit, vit_cfg)
     assert choices["fused_attention"] == {"value": False, "source": "config", "reason": "speed.fused_attention=false"}
+    assert choices["channels_last"]["value"] is False
+    rules_vit = speed.apply(build_method(cfg_of()), cfg_of())["fused_attention"]
+    assert (rules_vit["value"], rules_vit["source"]) == (sdpa, "rules")
     assert attention_flags(vit.student) == attention_flags(vit.teacher) == {False}
 
 
@@ -81,7 +85,7 @@ def test_measure_picks_the_fastest_combination_and_caches_it(monkeypatch):
     assert choices["channels_last"]["source"] == "measured" and "20% faster" in choices["channels_last"]["reason"]
     assert not method.student.backbone.channels_last
     assert any(isinstance(m, SmallMapConv2d) for m in method.student.modules())
-    assert choices["fused_attention"]["source"] == "rules"  # not a ResNet lever
+    assert choices["fused_attention"]["source"] == "not applicable"  # not a ResNet lever
     (cached,) = (lever_tuning.cache_file(lever_tuning.cache_key(cfg, torch.device("cpu"),
                                                                 ["small_map_conv", "channels_last"])),)
     assert json.loads(cached.read_text())["values"] == {"small_map_conv": True, "channels_last": False}

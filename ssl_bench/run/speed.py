@@ -45,12 +45,12 @@ def measurable(is_vit: bool, cuda: bool) -> tuple[str, ...]:
 def set_levers(net: nn.Module, values: dict[str, bool], student: bool) -> None:
     """Apply lever values to one network (a student or teacher with ``.backbone``), in place."""
     backbone = net.backbone
-    if values.get("small_map_conv") and student and not backbone.is_vit:  # the teacher computes no gradient
-        small_map_conv.enable(backbone)
-    if values.get("channels_last") and not backbone.is_vit:
+    if values.get("small_map_conv") and student:  # the teacher computes no gradient
+        small_map_conv.enable(backbone)  # a ViT's patch embedding takes it only for maps of <= 4 pixels
+    if values.get("channels_last"):
         backbone.to(memory_format=torch.channels_last)
         backbone.channels_last = True
-    if "fused_attention" in values and backbone.is_vit:
+    if values.get("fused_attention") is not None:
         for module in backbone.modules():
             if hasattr(module, "fused_attn"):  # timm's Attention: SDPA when True, softmax(q k^T) v when False
                 module.fused_attn = bool(values["fused_attention"])
@@ -81,6 +81,8 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
         value = getattr(s, name)
         if value is not None:
             choices[name] = {"value": value, "source": "config", "reason": f"speed.{name}={str(value).lower()}"}
+        elif name == "fused_attention" and not is_vit:
+            choices[name] = {"value": None, "source": "not applicable", "reason": "no attention in a CNN"}
         else:
             choices[name] = {"value": fixed[name], "source": "rules", "reason": f"speed.auto=rules ({_why(name)})"}
     to_measure = [n for n in measurable(is_vit, cuda) if getattr(s, n) is None]
