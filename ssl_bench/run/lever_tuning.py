@@ -22,6 +22,7 @@ import itertools
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -52,7 +53,7 @@ def cache_key(cfg: Config, device: torch.device, levers: list[str]) -> dict[str,
                       "local_number": d.local_crops_number}}
 
 
-def cache_file(key: dict[str, Any]):
+def cache_file(key: dict[str, Any]) -> Path:
     from ssl_bench.data.folder_index import cache_dir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -82,7 +83,7 @@ def write_cache(key: dict[str, Any], entry: dict[str, Any]) -> None:
 
 
 def choose(method: nn.Module, cfg: Config, levers: list[str], rules: dict[str, bool], device: torch.device,
-           distributed: bool, timer: Optional[Timer] = None) -> dict[str, dict[str, Any]]:
+           distributed: bool) -> dict[str, dict[str, Any]]:
     """The value of each lever in ``levers`` (those left null), with its source and reason."""
     key = cache_key(cfg, device, levers)
     cached = read_cache(key)
@@ -96,7 +97,7 @@ def choose(method: nn.Module, cfg: Config, levers: list[str], rules: dict[str, b
     combos = [dict(zip(levers, values)) for values in itertools.product([False, True], repeat=len(levers))]
     print(f"[ssl-bench] speed.auto=measure: timing {len(combos)} combinations of {', '.join(levers)} "
           f"on {device} (once per machine and config shape)", flush=True)
-    times = measure(method, cfg, combos, device, timer or time_student)
+    times = measure(method, cfg, combos, device, time_student)
     label = {i: ", ".join(f"{k}={'on' if v else 'off'}" for k, v in c.items()) for i, c in enumerate(combos)}
     base = next(i for i, c in enumerate(combos) if c == {k: rules[k] for k in levers})
     best = min(range(len(combos)), key=lambda i: times[i])

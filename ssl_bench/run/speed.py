@@ -23,11 +23,6 @@ from ssl_bench.config import Config
 LEVERS = ("small_map_conv", "channels_last", "fused_attention")
 
 
-def wants(switch: bool | None, auto: bool) -> bool:
-    """The switch's value, or when it is None the automatic choice for this device and backbone."""
-    return auto if switch is None else switch
-
-
 def rules(is_vit: bool, cuda: bool) -> dict[str, bool]:
     """The fixed choices for levers left null under ``speed.auto=rules``."""
     from timm.layers import use_fused_attn  # timm's own default (TIMM_FUSED_ATTN in the environment)
