@@ -107,11 +107,9 @@ def _default_threads() -> int:
 
 
 def _device(cfg: config_lib.Config) -> str:
-    import torch
+    from ssl_bench.run.speed import runs_on_cuda
 
-    gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
-                                                         and torch.cuda.is_available())
-    return "cuda" if gpu else "cpu"
+    return "cuda" if runs_on_cuda(cfg) else "cpu"
 
 
 def available_loops(loops: list[str], dino_src: Optional[str]) -> tuple[list[str], dict[str, str]]:

@@ -175,18 +175,12 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
                                bench_train_isolated, run_isolated, dino_src, profile=args.profile,
                                real_data=args.real_data)
     result["skipped"] = skipped
-    print(format_compare(result))
+    print(sbs.format_table(result))
     write_record(args, "compare", "+".join(e.name for e in entries), config_files=args.configs,
                  overrides=args.overrides, loops=loops, precisions=precisions, steps=args.steps, warmup=args.warmup,
                  repeats=args.repeats, configs={e.name: config_lib.to_dict(e.cfgs[precisions[0]]) for e in entries},
                  reference_jobs={e.name: e.job for e in entries}, **result)
     return 0
-
-
-def format_compare(result: dict[str, Any]) -> str:
-    from ssl_bench.bench.side_by_side import format_table
-
-    return format_table(result)
 
 
 def cmd_bench_make_images(args: argparse.Namespace) -> int:

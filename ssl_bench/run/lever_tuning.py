@@ -43,8 +43,7 @@ def cache_key(cfg: Config, device: torch.device, levers: list[str]) -> dict[str,
     from ssl_bench import repro
 
     b, d = cfg.backbone, cfg.data
-    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                else {k: v for k, v in repro.cpu_info().items()})
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else repro.cpu_info()
     return {"version": CACHE_VERSION, "levers": sorted(levers), "hardware": hardware, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "precision": cfg.trainer.precision,
             "backbone": {"name": b.name, "patch_size": b.patch_size, "img_size": b.img_size, "depth": b.depth,

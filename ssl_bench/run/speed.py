@@ -23,6 +23,12 @@ from ssl_bench.config import Config
 LEVERS = ("small_map_conv", "channels_last", "fused_attention")
 
 
+def runs_on_cuda(cfg: Config) -> bool:
+    """Whether ``trainer.accelerator`` puts the run on a CUDA GPU (``auto``: when torch sees one)."""
+    a = cfg.trainer.accelerator
+    return a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available())
+
+
 def rules(is_vit: bool, cuda: bool) -> dict[str, bool]:
     """The fixed choices for levers left null under ``speed.auto=rules``."""
     from timm.layers import use_fused_attn  # timm's own default (TIMM_FUSED_ATTN in the environment)
@@ -62,8 +68,7 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
     from ssl_bench import dist
 
     s = cfg.speed
-    cuda = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
-                                                          and torch.cuda.is_available())
+    cuda = runs_on_cuda(cfg)
     is_vit = method.student.backbone.is_vit
     if s.activation_checkpointing:
         if not is_vit:

@@ -373,7 +373,7 @@ def validate_config(cfg: config_lib.Config, label: str = "config", check_data: b
 def check_local_devices(cfg: config_lib.Config, label: str = "config") -> None:
     """ConfigError unless this machine has the devices ``trainer`` asks for (local runs; a SLURM profile decides)."""
     t = cfg.trainer
-    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available()):
+    if speed.runs_on_cuda(cfg):
         available, what = (torch.cuda.device_count() if torch.cuda.is_available() else 0), "CUDA GPU(s)"
     elif runs_on_cpu(cfg):
         available, what = os.cpu_count() or 1, "CPU cores"
