@@ -154,8 +154,19 @@ def pid_alive(pid: int) -> bool:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far, in MiB: Linux's ``VmHWM``, else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: it survives ``fork`` + ``exec``, so a fresh benchmark process started by a
+    1 GiB parent would report at least 1 GiB. ``VmHWM`` belongs to the process's own address space.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def launch_rank(devices_per_node: int = 1) -> int:

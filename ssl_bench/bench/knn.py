@@ -3,7 +3,7 @@
 Compares the straightforward full-matrix computation (all test x all bank similarities, then topk,
 as facebookresearch/dino ``eval_knn.knn_classifier`` does per test chunk but here for the whole test
 set at once) with ``ssl_bench.eval.knn.knn_accuracies`` chunked, bank-blocked and with an fp16 bank.
-Each configuration runs in a fresh subprocess so that its peak RSS (``ru_maxrss``) is its own.
+Each configuration runs in a fresh subprocess so that its peak RSS (``VmHWM``, ``repro.peak_rss_mb``) is its own.
 
     python -m ssl_bench.bench.knn --bank 100000 --dim 384 --test 10000 --json knn.json
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ssl_bench import repro
 from ssl_bench.eval.knn import knn_accuracies, vote
 
 CONFIGS = {  # name -> (method, use --bank-block, fp16 bank)
@@ -31,11 +31,6 @@ CONFIGS = {  # name -> (method, use --bank-block, fp16 bank)
 }
 _GEN_BLOCK = 16384
 _NOISE = 3.5  # noise norm ~3.5 around unit centres: top-1 below 100 %, so agreement between configs means something
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def clustered_features(n: int, centres: torch.Tensor, gen: torch.Generator,
@@ -82,7 +77,7 @@ def bench_knn(bank: int, dim: int, test: int, k: int, chunk_size: int, bank_bloc
     centres = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
     bank_x, bank_y = clustered_features(bank, centres, gen, store)
     test_x, test_y = clustered_features(test, centres, gen)
-    data_rss = peak_rss_mb()
+    data_rss = repro.peak_rss_mb()
     times, top1 = [], float("nan")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -94,15 +89,16 @@ def bench_knn(bank: int, dim: int, test: int, k: int, chunk_size: int, bank_bloc
         times.append(time.perf_counter() - t0)
     best = min(times)
     bank_bytes = (2 if store == torch.float16 else 4) * bank * dim  # the normalised copy that is searched
+    peak = repro.peak_rss_mb()
     return {"method": method, "seconds": best, "seconds_all": times, "images_per_s": test / best,
-            "peak_rss_mb": peak_rss_mb(), "data_rss_mb": data_rss, "search_extra_mb": peak_rss_mb() - data_rss,
+            "peak_rss_mb": peak, "data_rss_mb": data_rss, "search_extra_mb": peak - data_rss,
             "normalised_bank_mb": bank_bytes / 2 ** 20, "top1": top1, "threads": threads,
             "config": {"bank": bank, "dim": dim, "test": test, "k": k, "chunk_size": chunk_size,
                        "bank_block": bank_block, "fp16_bank": fp16_bank, "classes": classes, "repeats": repeats}}
 
 
 def _run_in_subprocess(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``bench_knn(**kwargs)`` in a fresh interpreter, so ``ru_maxrss`` is this configuration's alone."""
+    """``bench_knn(**kwargs)`` in a fresh interpreter, so its peak RSS is this configuration's alone."""
     cmd = [sys.executable, "-m", "ssl_bench.bench.knn", "--one", json.dumps(kwargs)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from ssl_bench import repro  # stdlib and torch only: the reference process imports nothing else of ours
 
 SYNTHETIC_BATCHES = 4  # distinct pre-made batches, cycled (as ssl_bench.bench.train.SyntheticCrops)
 DINO_FILES = ("main_dino.py", "utils.py", "vision_transformer.py")
@@ -226,7 +227,7 @@ def clip_per_parameter(model: nn.Module, clip: float) -> None:
 
 def run_loop(job: dict[str, Any]) -> dict[str, Any]:
     """Run one reference loop in this process and return its figures (the timed steps after the warm-up)."""
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss_before = repro.peak_rss_mb()
     torch.manual_seed(job["seed"])
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
@@ -249,7 +250,7 @@ def run_loop(job: dict[str, Any]) -> dict[str, Any]:
         loop_s = time.perf_counter() - started
     steps = [b - a for a, b in zip(batches.marks, batches.marks[1:])][job["warmup"]:]
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+            else repro.peak_rss_mb())
     figures = {"loop": job["loop"], "images_per_s": job["batch_size"] * len(steps) / sum(steps),
                "step_s_median": statistics.median(steps), "step_s_min": min(steps), "step_s_max": max(steps),
                "steps_timed": len(steps), "warmup_steps": job["warmup"], "peak_memory_mb": peak,
