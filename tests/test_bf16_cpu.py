@@ -107,7 +107,14 @@ def test_bf16_vit_matches_fp32_losses_and_weights():
 def test_bf16_resnet_matches_fp32_losses_and_features():
     cfg = make_cfg(RESNET)
     fp32, bf16 = optimised_run(cfg), optimised_run(with_precision(cfg, "bf16-mixed"))
-    assert loss_deviation(bf16, fp32) <= 5e-2  # measured 1.2e-2
+    # A sanity bound only: measured 1.2e-2, but the control's losses move by 0.9e-2 here, so the features below
+    # carry this check.
+    assert loss_deviation(bf16, fp32) <= 5e-2
+    # speed.autocast_convs=false (bf16 in the head only) matches fp32 closely enough to compare weights too.
+    # Measured on an AMX Xeon: losses 1.3e-3, moves 4.8e-2 relative, cosine 0.999; the control 9.3e-3, 0.27, 0.964.
+    fp32_convs = optimised_run(with_precision(make_cfg(RESNET, autocast_convs=False), "bf16-mixed"))
+    assert within_bf16(fp32_convs, fp32, loss_tol=5e-3, move_tol=0.15)
+    assert not within_bf16(optimised_run(control(cfg)), fp32, loss_tol=5e-3, move_tol=0.15)
     repro.seed_everything(0)
     backbone = build_method(cfg).student.backbone.eval()
     crops = torch.cat(next(iter(batches(cfg))).crops[:2])

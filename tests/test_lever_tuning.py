@@ -58,7 +58,13 @@ def test_rules_by_default_with_their_reasons():
     sdpa = speed.rules(is_vit=True, cuda=False)["fused_attention"]  # timm's default: True unless TIMM_FUSED_ATTN=0
     assert {k: (c["value"], c["source"]) for k, c in choices.items()} == {
         "small_map_conv": (True, "rules"), "channels_last": (True, "rules"),
-        "fused_attention": (None, "not applicable")}
+        "fused_attention": (None, "not applicable"), "autocast_convs": (None, "not applicable")}
+    assert "runs no autocast" in choices["autocast_convs"]["reason"]
+    bf16 = cfg_of(RESNET, {"trainer": {"precision": "bf16-mixed"}})
+    assert speed.apply(build_method(bf16), bf16)["autocast_convs"]["value"] is True  # autocast as it is
+    assert speed.measurable(is_vit=False, cuda=False, mixed=True) == ("small_map_conv", "channels_last",
+                                                                     "autocast_convs")
+    assert "autocast_convs" not in speed.measurable(is_vit=False, cuda=True, mixed=True)
     assert method.speed_levers is choices and "speed.auto=rules" in choices["channels_last"]["reason"]
     vit_cfg = cfg_of({"speed": {"fused_attention": False}})
     vit = build_method(vit_cfg)

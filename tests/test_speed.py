@@ -138,7 +138,8 @@ def assert_same(fast, plain, atol: float) -> None:
     (VIT, {"fused_optimizer": True, "activation_checkpointing": True, "compile": False}),
     (RESNET, {"fused_optimizer": True, "channels_last": True, "compile": False}),
     (VIT, {"fused_optimizer": True, "fused_attention": False, "compile": False}),
-], ids=["vit-fused-checkpointing", "resnet18-fused-channels_last", "vit-explicit-attention"])
+    (RESNET, {"fused_optimizer": True, "small_map_conv": True, "autocast_convs": False, "compile": False}),
+], ids=["vit-fused-checkpointing", "resnet18-fused-channels_last", "vit-explicit-attention", "resnet18-fp32-convs"])
 def test_optimised_step_matches_plain_step(backbone, options):
     cfg = make_cfg(backbone, **options)
     assert_same(optimised_run(cfg), plain_run(make_cfg(backbone, fused_optimizer=False, compile=False,
@@ -216,3 +217,24 @@ def test_small_map_conv_is_applied_to_the_student_on_cpu_only():
     method = build_method(cfg_off)
     speed.apply(method, cfg_off)
     assert not any(isinstance(m, SmallMapConv2d) for m in method.student.modules())
+
+
+def test_autocast_convs_off_keeps_a_cnn_in_fp32_under_bf16_autocast():
+    """With the lever off, a ResNet's features under bf16 autocast are its fp32 features; with it on they are not."""
+    cfg = make_cfg(RESNET)
+    repro.seed_everything(0)
+    net = build_method(cfg).student
+    keys = list(net.state_dict())
+    crops = torch.randn(2 * BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    net.eval()
+    with torch.no_grad():
+        exact = net.backbone(crops).cls
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = net.backbone(crops).cls.float()
+            speed.set_levers(net, {"autocast_convs": False}, student=True)
+            kept = net.backbone(crops).cls
+            head = net.head(kept)
+    assert kept.dtype == torch.float32 and head.dtype == torch.bfloat16  # the head still runs in bf16
+    torch.testing.assert_close(kept, exact, atol=1e-5, rtol=1e-5)
+    assert float((rounded - exact).norm() / exact.norm()) > 1e-3  # bf16 convolutions do round (the control)
+    assert list(net.state_dict()) == keys

@@ -221,6 +221,8 @@ class SpeedConfig:
     fused_optimizer: bool = True  # fused AdamW/SGD kernels instead of one op per parameter tensor
     activation_checkpointing: bool = False  # ViTs: recompute block activations in backward (less memory)
     fused_attention: Optional[bool] = None  # ViTs: timm's SDPA kernel (true) or explicit softmax attention; null = auto
+    # CNNs under bf16-mixed/16-mixed: convolutions in the autocast dtype (true) or in fp32 (false); null = auto
+    autocast_convs: Optional[bool] = None
     # how levers left null are chosen: rules (fixed, above) | measure (timed once on this machine and config
     # shape, cached per CPU/GPU and torch version: run/lever_tuning.py)
     auto: str = checked("rules", one_of("rules", "measure"))

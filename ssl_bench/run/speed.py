@@ -1,11 +1,13 @@
-"""Speed levers of the training step (config section ``speed``): compile, channels_last, checkpointing.
+"""Speed levers of the training step (config section ``speed``): compile, channels_last, checkpointing, ...
 
 Each lever changes how fast a step runs, never what it computes: ``tests/test_speed.py`` trains a
 few steps with every lever on and with a plain, loop-per-parameter step written independently, and
-compares losses and weights. The measured effect of each lever is in the README ("Speed").
+compares losses and weights. ``autocast_convs=false`` is the one lever that moves rounding: under autocast it
+keeps convolutions in fp32, closer to the fp32 step; ``tests/test_bf16_cpu.py`` checks it against fp32. The
+measured effect of each lever is in the README ("Speed").
 
 A lever left ``null`` is chosen by ``speed.auto``: ``rules`` (fixed: channels_last for convolutional
-backbones, small_map_conv on the CPU, timm's SDPA attention) or ``measure`` (timed on this machine and
+backbones, small_map_conv on the CPU, timm's SDPA attention, convolutions under autocast) or ``measure`` (timed on this machine and
 cached, ``run/lever_tuning.py``). :func:`apply` returns every choice with its source and reason; training
 writes them to env.json (``speed_levers``) and ``bench train`` to its record.
 """
@@ -20,7 +22,7 @@ from torch import nn
 from ssl_bench.backbones import small_map_conv
 from ssl_bench.config import Config
 
-LEVERS = ("small_map_conv", "channels_last", "fused_attention")
+LEVERS = ("small_map_conv", "channels_last", "fused_attention", "autocast_convs")
 
 
 def runs_on_cuda(cfg: Config) -> bool:
@@ -33,14 +35,22 @@ def rules(is_vit: bool, cuda: bool) -> dict[str, bool]:
     """The fixed choices for levers left null under ``speed.auto=rules``."""
     from timm.layers import use_fused_attn  # timm's own default (TIMM_FUSED_ATTN in the environment)
 
-    return {"small_map_conv": not cuda, "channels_last": not is_vit, "fused_attention": bool(use_fused_attn())}
+    return {"small_map_conv": not cuda, "channels_last": not is_vit, "fused_attention": bool(use_fused_attn()),
+            "autocast_convs": True}
 
 
-def measurable(is_vit: bool, cuda: bool) -> tuple[str, ...]:
-    """The levers whose payoff ``speed.auto=measure`` times on this backbone and device."""
+def is_mixed(cfg: Config) -> bool:
+    """Whether the run computes under autocast (``bf16-mixed`` or ``16-mixed``)."""
+    return cfg.trainer.precision.endswith("-mixed")
+
+
+def measurable(is_vit: bool, cuda: bool, mixed: bool = False) -> tuple[str, ...]:
+    """The levers whose payoff ``speed.auto=measure`` times on this backbone, device and precision."""
     if is_vit:
         return ("fused_attention",)
-    return ("channels_last",) if cuda else ("small_map_conv", "channels_last")
+    if cuda:
+        return ("channels_last",)
+    return ("small_map_conv", "channels_last") + (("autocast_convs",) if mixed else ())
 
 
 def set_levers(net: nn.Module, values: dict[str, bool], student: bool) -> None:
@@ -55,6 +65,26 @@ def set_levers(net: nn.Module, values: dict[str, bool], student: bool) -> None:
         for module in backbone.modules():
             if hasattr(module, "fused_attn"):  # timm's Attention: SDPA when True, softmax(q k^T) v when False
                 module.fused_attn = bool(values["fused_attention"])
+    if values.get("autocast_convs") is False:
+        for module in backbone.modules():
+            if isinstance(module, nn.Conv2d):
+                _fp32_conv(module)
+
+
+def _fp32_conv(conv: nn.Conv2d) -> None:
+    """Run ``conv`` in fp32 inside autocast (its output stays fp32; the BatchNorm after it takes it as is).
+
+    Set on the instance, so the state dict and the class (SmallMapConv2d included) are unchanged. On some CPUs
+    oneDNN's bf16 convolutions at tiny maps are slower than its fp32 ones while the head's bf16 GEMMs are
+    faster: README "Speed".
+    """
+    inner = conv._conv_forward
+
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return inner(x.float(), weight, bias)
+
+    conv._conv_forward = forward  # type: ignore[method-assign]
 
 
 def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
@@ -83,9 +113,13 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
             choices[name] = {"value": value, "source": "config", "reason": f"speed.{name}={str(value).lower()}"}
         elif name == "fused_attention" and not is_vit:
             choices[name] = {"value": None, "source": "not applicable", "reason": "no attention in a CNN"}
+        elif name == "autocast_convs" and (is_vit or not is_mixed(cfg)):
+            choices[name] = {"value": None, "source": "not applicable",
+                             "reason": "ViTs have no convolutions after the patch embedding" if is_vit
+                             else f"trainer.precision={cfg.trainer.precision} runs no autocast"}
         else:
             choices[name] = {"value": fixed[name], "source": "rules", "reason": f"speed.auto=rules ({_why(name)})"}
-    to_measure = [n for n in measurable(is_vit, cuda) if getattr(s, n) is None]
+    to_measure = [n for n in measurable(is_vit, cuda, is_mixed(cfg)) if getattr(s, n) is None]
     if s.auto == "measure" and to_measure:
         from ssl_bench.run import lever_tuning
 
@@ -106,7 +140,8 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
 def _why(name: str) -> str:
     return {"small_map_conv": "on for the CPU, off for CUDA; convolutional backbones only",
             "channels_last": "on for convolutional backbones",
-            "fused_attention": "timm's default, SDPA unless TIMM_FUSED_ATTN=0; ViTs only"}[name]
+            "fused_attention": "timm's default, SDPA unless TIMM_FUSED_ATTN=0; ViTs only",
+            "autocast_convs": "convolutions in the autocast dtype, as autocast does"}[name]
 
 
 def is_compiled(method: nn.Module) -> bool:
