@@ -8,6 +8,7 @@ every lever, ``fused_attention=false`` included, against a plain step.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,7 +59,9 @@ def test_rules_by_default_with_their_reasons():
     sdpa = speed.rules(is_vit=True, cuda=False)["fused_attention"]  # timm's default: True unless TIMM_FUSED_ATTN=0
     assert {k: (c["value"], c["source"]) for k, c in choices.items()} == {
         "small_map_conv": (True, "rules"), "channels_last": (True, "rules"),
-        "fused_attention": (None, "not applicable"), "autocast_convs": (None, "not applicable")}
+        "fused_attention": (None, "not applicable"), "autocast_convs": (None, "not applicable"),
+        "physical_cores": (choices["physical_cores"]["value"], choices["physical_cores"]["source"]),
+        "compile": (False, "config")}
     assert "runs no autocast" in choices["autocast_convs"]["reason"]
     bf16 = cfg_of(RESNET, {"trainer": {"precision": "bf16-mixed"}})
     assert speed.apply(build_method(bf16), bf16)["autocast_convs"]["value"] is True  # autocast as it is
@@ -159,3 +162,61 @@ def test_real_timing_of_the_student():
                                                                       ["fused_attention"])).read_text())
     assert len(entry["times_s"]) == 2 and all(t > 0 for t in entry["times_s"])
     assert attention_flags(method.student) == {choice["value"]}
+
+
+def test_physical_cores_is_measured_only_with_more_threads_than_cores(monkeypatch):
+    """On an SMT CPU with trainer.num_threads null, one thread per core is timed against torch's default."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(lever_tuning, "cpu_topology", lambda: (4, 2))
+    calls: list = []
+    seen: list = []
+
+    def timer(net, combo, cfg, device):
+        calls.append(tuple(combo.values()))
+        seen.append(torch.get_num_threads())
+        return 0.5 if combo.get("physical_cores") else 1.0
+    monkeypatch.setattr(lever_tuning, "time_student", timer)
+    cfg = cfg_of({"speed": {"auto": "measure", "fused_attention": True}})
+    try:
+        choice = speed.apply(build_method(cfg), cfg)["physical_cores"]
+        assert choice["value"] is True and choice["source"] == "measured" and len(calls) == 2 * lever_tuning.ROUNDS
+        assert torch.get_num_threads() == 2  # the chosen count is set for the run
+    finally:
+        torch.set_num_threads(threads)
+    pinned = cfg_of({"speed": {"auto": "measure", "fused_attention": True}, "trainer": {"num_threads": 1}})
+    choice = speed.apply(build_method(pinned), pinned)["physical_cores"]
+    assert choice["source"] == "not applicable" and "trainer.num_threads=1" in choice["reason"]
+    monkeypatch.setattr(lever_tuning, "cpu_topology", lambda: (2, 2))
+    plain = cfg_of({"speed": {"fused_attention": True}})
+    assert "one thread per core" in speed.apply(build_method(plain), plain)["physical_cores"]["reason"]
+
+
+def test_the_real_timer_sets_one_thread_per_core_and_restores_the_count(monkeypatch):
+    monkeypatch.setattr(lever_tuning, "cpu_topology", lambda: (2, 1))
+    seen = []
+    monkeypatch.setattr(lever_tuning, "_time_steps", lambda net, cfg, device: seen.append(torch.get_num_threads()) or 0.1)
+    before = torch.get_num_threads()
+    lever_tuning.time_student(None, {"physical_cores": True}, cfg_of(), torch.device("cpu"))
+    lever_tuning.time_student(None, {"physical_cores": False}, cfg_of(), torch.device("cpu"))
+    assert seen == [1, before] and torch.get_num_threads() == before
+
+
+def test_compile_left_null_is_timed_on_top_of_the_other_levers(monkeypatch):
+    calls: list = []
+    compiled: list = []
+
+    def timer(net, combo, cfg, device):
+        calls.append(dict(combo))
+        compiled.append(speed.is_compiled(SimpleNamespace(student=net)))
+        return 0.6 if combo.get("compile") else 1.0
+    monkeypatch.setattr(lever_tuning, "time_student", timer)
+    cfg = cfg_of({"speed": {"auto": "measure", "fused_attention": False, "compile": None}})
+    method = build_method(cfg)
+    choice = speed.apply(method, cfg)["compile"]
+    assert choice["value"] is True and choice["source"] == "measured" and "with the compilation" in choice["reason"]
+    assert [c["compile"] for c in calls] == [False, True] * lever_tuning.ROUNDS
+    assert all(c["fused_attention"] is False for c in calls)  # the config's attention choice applies to both
+    assert compiled == [False, True] * lever_tuning.ROUNDS and speed.is_compiled(method)
+    rules = cfg_of({"speed": {"compile": None}})
+    assert speed.apply(build_method(rules), rules)["compile"] == {
+        "value": False, "source": "rules", "reason": "speed.auto=rules (eager; compilation takes minutes)"}

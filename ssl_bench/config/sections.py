@@ -215,7 +215,8 @@ class SpeedConfig:
     machine once and caches the winner (README "Speed").
     """
 
-    compile: bool = False  # torch.compile of backbones and heads (minutes of compilation first)
+    # torch.compile of backbones and heads (minutes of compilation first); null = auto (measure: timed, once)
+    compile: Optional[bool] = False
     channels_last: Optional[bool] = None  # NHWC memory format for convolutional backbones; null = auto
     small_map_conv: Optional[bool] = None  # CPU: conv weight gradients of tiny maps as one GEMM; null = auto
     fused_optimizer: bool = True  # fused AdamW/SGD kernels instead of one op per parameter tensor
@@ -223,6 +224,8 @@ class SpeedConfig:
     fused_attention: Optional[bool] = None  # ViTs: timm's SDPA kernel (true) or explicit softmax attention; null = auto
     # CNNs under bf16-mixed/16-mixed: convolutions in the autocast dtype (true) or in fp32 (false); null = auto
     autocast_convs: Optional[bool] = None
+    # CPUs with more threads than cores, trainer.num_threads null: one thread per physical core; null = auto
+    physical_cores: Optional[bool] = None
     # how levers left null are chosen: rules (fixed, above) | measure (timed once on this machine and config
     # shape, cached per CPU/GPU and torch version: run/lever_tuning.py)
     auto: str = checked("rules", one_of("rules", "measure"))

@@ -1,8 +1,9 @@
 """``speed.auto=measure``: the speed levers left ``null`` are chosen by timing them on this machine, once.
 
 The levers measured are the ones whose payoff depends on the hardware: for convolutional backbones
-``channels_last`` and, on the CPU, ``small_map_conv``; for ViTs ``fused_attention`` (timm's SDPA kernel or
-explicit softmax attention). Every combination of them is timed on a copy of the student: forward and backward
+``channels_last`` and, on the CPU, ``small_map_conv`` and (under autocast) ``autocast_convs``; for ViTs
+``fused_attention`` (timm's SDPA kernel or explicit softmax attention); on CPUs with more threads than cores,
+``physical_cores``. ``compile``, when left null, is timed last, on top of the others' values. Every combination of them is timed on a copy of the student: forward and backward
 on synthetic crops of the config's shapes, in the run's precision, on the run's device, interleaved over
 ``ROUNDS`` rounds. The fastest combination wins only if it beats the fixed rules' combination by more than
 ``MARGIN``; otherwise the rules stand, so noise does not flip a lever.
@@ -82,9 +83,13 @@ def write_cache(key: dict[str, Any], entry: dict[str, Any]) -> None:
 
 
 def choose(method: nn.Module, cfg: Config, levers: list[str], rules: dict[str, bool], device: torch.device,
-           distributed: bool) -> dict[str, dict[str, Any]]:
-    """The value of each lever in ``levers`` (those left null), with its source and reason."""
-    key = cache_key(cfg, device, levers)
+           distributed: bool, fixed: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
+    """The value of each lever in ``levers`` (those left null), with its source and reason.
+
+    ``fixed``: the values of the other levers, applied to every timed copy (``compile`` is timed on top of them).
+    """
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None and k not in levers}
+    key = {**cache_key(cfg, device, levers), **({"fixed": fixed} if fixed else {})}
     cached = read_cache(key)
     if cached is not None:
         return {name: {"value": cached["values"][name], "source": "cache",
@@ -96,7 +101,9 @@ def choose(method: nn.Module, cfg: Config, levers: list[str], rules: dict[str, b
     combos = [dict(zip(levers, values)) for values in itertools.product([False, True], repeat=len(levers))]
     print(f"[ssl-bench] speed.auto=measure: timing {len(combos)} combinations of {', '.join(levers)} "
           f"on {device} (once per machine and config shape)", flush=True)
-    times = measure(method, cfg, combos, device, time_student)
+    started = time.perf_counter()
+    times = measure(method, cfg, [{**fixed, **c} for c in combos], device, time_student)
+    took = time.perf_counter() - started
     label = {i: ", ".join(f"{k}={'on' if v else 'off'}" for k, v in c.items()) for i, c in enumerate(combos)}
     base = next(i for i, c in enumerate(combos) if c == {k: rules[k] for k in levers})
     best = min(range(len(combos)), key=lambda i: times[i])
@@ -109,6 +116,8 @@ def choose(method: nn.Module, cfg: Config, levers: list[str], rules: dict[str, b
         chosen = base
         reason = (f"measured: nothing beats the rules' {label[base]} by more than {MARGIN:.0%} "
                   f"(student step, median of {ROUNDS} rounds: {figures})")
+    if "compile" in levers:
+        reason += f"; measuring took {took:.0f} s with the compilation, which each run pays again"
     values = combos[chosen]
     write_cache(key, {"values": values, "reason": reason, "times_s": [times[i] for i in range(len(combos))],
                       "combinations": combos})
@@ -133,8 +142,34 @@ def measure(method: nn.Module, cfg: Config, combos: list[dict[str, bool]], devic
     return [statistics.median(r) for r in rounds]
 
 
+def cpu_topology() -> tuple[int, int]:
+    """(logical CPUs this process may use, distinct physical cores among them), from Linux's sysfs."""
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((base.joinpath("physical_package_id").read_text().strip(),
+                       base.joinpath("core_id").read_text().strip()))
+        except OSError:
+            return len(allowed), len(allowed)  # no topology: count every CPU as a core
+    return len(allowed), len(cores)
+
+
 def time_student(net: nn.Module, combo: dict[str, bool], cfg: Config, device: torch.device) -> float:
     """Seconds per forward+backward of the student on synthetic crops (mean of ``STEPS`` after one untimed)."""
+    threads = torch.get_num_threads()
+    if combo.get("physical_cores"):
+        torch.set_num_threads(cpu_topology()[1])
+    try:
+        return _time_steps(net, cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_steps(net: nn.Module, cfg: Config, device: torch.device) -> float:
     d = cfg.data
     gen = torch.Generator().manual_seed(0)
     sizes = [d.global_crop_size] * 2 + [d.local_crop_size] * d.local_crops_number

@@ -22,7 +22,7 @@ from torch import nn
 from ssl_bench.backbones import small_map_conv
 from ssl_bench.config import Config
 
-LEVERS = ("small_map_conv", "channels_last", "fused_attention", "autocast_convs")
+LEVERS = ("small_map_conv", "channels_last", "fused_attention", "autocast_convs", "physical_cores")
 
 
 def runs_on_cuda(cfg: Config) -> bool:
@@ -36,7 +36,7 @@ def rules(is_vit: bool, cuda: bool) -> dict[str, bool]:
     from timm.layers import use_fused_attn  # timm's own default (TIMM_FUSED_ATTN in the environment)
 
     return {"small_map_conv": not cuda, "channels_last": not is_vit, "fused_attention": bool(use_fused_attn()),
-            "autocast_convs": True}
+            "autocast_convs": True, "physical_cores": False}
 
 
 def is_mixed(cfg: Config) -> bool:
@@ -44,13 +44,17 @@ def is_mixed(cfg: Config) -> bool:
     return cfg.trainer.precision.endswith("-mixed")
 
 
-def measurable(is_vit: bool, cuda: bool, mixed: bool = False) -> tuple[str, ...]:
-    """The levers whose payoff ``speed.auto=measure`` times on this backbone, device and precision."""
-    if is_vit:
-        return ("fused_attention",)
+def measurable(is_vit: bool, cuda: bool, mixed: bool = False, smt: bool = False) -> tuple[str, ...]:
+    """The levers whose payoff ``speed.auto=measure`` times on this backbone, device, precision and CPU.
+
+    ``smt``: the CPU runs more than one thread per core and ``trainer.num_threads`` is left null.
+    """
     if cuda:
-        return ("channels_last",)
-    return ("small_map_conv", "channels_last") + (("autocast_convs",) if mixed else ())
+        return ("fused_attention",) if is_vit else ("channels_last",)
+    threads = ("physical_cores",) if smt else ()
+    if is_vit:
+        return ("fused_attention",) + threads
+    return ("small_map_conv", "channels_last") + (("autocast_convs",) if mixed else ()) + threads
 
 
 def set_levers(net: nn.Module, values: dict[str, bool], student: bool) -> None:
@@ -69,6 +73,9 @@ def set_levers(net: nn.Module, values: dict[str, bool], student: bool) -> None:
         for module in backbone.modules():
             if isinstance(module, nn.Conv2d):
                 _fp32_conv(module)
+    if values.get("compile"):
+        backbone.compile()  # in place: parameter names, so checkpoints, are unchanged
+        net.head.compile()
 
 
 def _fp32_conv(conv: nn.Conv2d) -> None:
@@ -106,6 +113,7 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
                              f"{cfg.backbone.name!r} has no transformer blocks")
         method.student.backbone.model.set_grad_checkpointing(True)
     fixed = rules(is_vit, cuda)
+    smt = _smt_free(cfg, cuda)
     choices: dict[str, dict[str, Any]] = {}
     for name in LEVERS:
         value = getattr(s, name)
@@ -117,31 +125,75 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
             choices[name] = {"value": None, "source": "not applicable",
                              "reason": "ViTs have no convolutions after the patch embedding" if is_vit
                              else f"trainer.precision={cfg.trainer.precision} runs no autocast"}
+        elif name == "physical_cores" and not smt:
+            choices[name] = {"value": None, "source": "not applicable", "reason": _no_smt(cfg, cuda)}
         else:
             choices[name] = {"value": fixed[name], "source": "rules", "reason": f"speed.auto=rules ({_why(name)})"}
-    to_measure = [n for n in measurable(is_vit, cuda, is_mixed(cfg)) if getattr(s, n) is None]
+    to_measure = [n for n in measurable(is_vit, cuda, is_mixed(cfg), smt) if getattr(s, n) is None]
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    distributed = dist.is_distributed() or cfg.trainer.devices * cfg.trainer.num_nodes > 1
     if s.auto == "measure" and to_measure:
         from ssl_bench.run import lever_tuning
 
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        distributed = dist.is_distributed() or cfg.trainer.devices * cfg.trainer.num_nodes > 1
         choices.update(lever_tuning.choose(method, cfg, to_measure, fixed, device, distributed))
+    choices["compile"] = _compile_choice(method, cfg, {n: c["value"] for n, c in choices.items()}, device,
+                                         distributed)
     values = {name: c["value"] for name, c in choices.items()}
+    if values.get("physical_cores"):
+        from ssl_bench.run import lever_tuning
+
+        torch.set_num_threads(lever_tuning.cpu_topology()[1])
     set_levers(method.student, values, student=True)
     set_levers(method.teacher, values, student=False)
-    if s.compile:
-        for net in (method.student, method.teacher):
-            net.backbone.compile()
-            net.head.compile()
     method.speed_levers = choices
     return choices
+
+
+def _compile_choice(method: nn.Module, cfg: Config, values: dict[str, Any], device: torch.device,
+                    distributed: bool) -> dict[str, Any]:
+    """``speed.compile``: as set, or, when null, off under ``rules`` and timed against eager under ``measure``.
+
+    Measured after the other levers and on top of their values, because every compiled candidate costs
+    minutes of compilation.
+    """
+    value = cfg.speed.compile
+    if value is not None:
+        return {"value": value, "source": "config", "reason": f"speed.compile={str(value).lower()}"}
+    if cfg.speed.auto != "measure":
+        return {"value": False, "source": "rules", "reason": "speed.auto=rules (eager; compilation takes minutes)"}
+    from ssl_bench.run import lever_tuning
+
+    return lever_tuning.choose(method, cfg, ["compile"], {"compile": False}, device, distributed,
+                               fixed=values)["compile"]
+
+
+def _smt_free(cfg: Config, cuda: bool) -> bool:
+    """Whether ``physical_cores`` has a choice to make: CPU run, threads left null, more threads than cores."""
+    if cuda or cfg.trainer.num_threads is not None:
+        return False
+    from ssl_bench.run import lever_tuning
+
+    logical, physical = lever_tuning.cpu_topology()
+    return physical < logical
+
+
+def _no_smt(cfg: Config, cuda: bool) -> str:
+    if cuda:
+        return "a CUDA run: threads feed the GPU"
+    if cfg.trainer.num_threads is not None:
+        return f"trainer.num_threads={cfg.trainer.num_threads}"
+    from ssl_bench.run import lever_tuning
+
+    logical, physical = lever_tuning.cpu_topology()
+    return f"one thread per core ({physical} cores, {logical} CPUs): torch uses them all"
 
 
 def _why(name: str) -> str:
     return {"small_map_conv": "on for the CPU, off for CUDA; convolutional backbones only",
             "channels_last": "on for convolutional backbones",
             "fused_attention": "timm's default, SDPA unless TIMM_FUSED_ATTN=0; ViTs only",
-            "autocast_convs": "convolutions in the autocast dtype, as autocast does"}[name]
+            "autocast_convs": "convolutions in the autocast dtype, as autocast does",
+            "physical_cores": "torch's default: one thread per logical CPU"}[name]
 
 
 def is_compiled(method: nn.Module) -> bool:
