@@ -26,7 +26,9 @@ def test_method_trains_two_steps_and_writes_run_dir(name, tiny_tree):
     env = json.loads((d / "env.json").read_text())
     assert {"git", "versions", "hardware", "seed", "world_size"} <= set(env) and env["seed"] == cfg.seed
     levers = env["speed_levers"]  # the levers as applied, with source and reason
-    assert set(levers) == {"small_map_conv", "channels_last", "fused_attention"}
+    assert set(levers) == {"small_map_conv", "channels_last", "fused_attention", "autocast_convs", "physical_cores",
+                           "compile"}
+    assert levers["compile"] == {"value": False, "source": "config", "reason": "speed.compile=false"}
     assert levers["channels_last"] == {"value": False, "source": "rules",
                                        "reason": "speed.auto=rules (on for convolutional backbones)"}
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
