@@ -99,7 +99,8 @@ class CollapseDiagnostics(Callback):
         pl_module.diagnostic_inputs, pl_module.diagnostics_wanted = None, False
         if inputs is None:
             return
-        values = measure(inputs.targets, inputs.student_logits, inputs.teacher_cls, pl_module.cfg.method.student_temp)
+        values = agree(measure(inputs.targets, inputs.student_logits, inputs.teacher_cls,
+                               pl_module.cfg.method.student_temp), pl_module.device)
         collapsed = self.monitor.update(self._step, values[tracking.TEACHER_ENTROPY],
                                         values[tracking.KL_TEACHER_STUDENT])
         values[tracking.COLLAPSED] = float(collapsed)
@@ -124,6 +125,20 @@ class CollapseDiagnostics(Callback):
     def summary(self) -> dict[str, Any]:
         """What result.json records: the flag, its step and reason, the last measured values."""
         return {**self.monitor.summary(), "stopped_early": self.stopped_early, "last": self.last}
+
+
+def agree(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """The diagnostics averaged over the ranks, in one all-reduce, so every rank sees the same numbers.
+
+    Each rank measures its own batch; without this, one rank could flag collapse (and, with
+    ``train.stop_on_collapse``, stop) at a step where another does not. Identity in one process.
+    ``device``: the module's, where the backend can reduce (NCCL: CUDA tensors only).
+    """
+    if not dist.is_distributed():
+        return values
+    keys = sorted(values)
+    mean = dist.all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device))
+    return {key: float(v) for key, v in zip(keys, mean.tolist())}
 
 
 def measure(targets: list[torch.Tensor], student_logits: list[torch.Tensor], teacher_cls: torch.Tensor,
