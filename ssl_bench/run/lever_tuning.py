@@ -3,9 +3,9 @@
 The levers measured are the ones whose payoff depends on the hardware: for convolutional backbones
 ``channels_last`` and, on the CPU, ``small_map_conv`` and (under autocast) ``autocast_convs``; for ViTs
 ``fused_attention`` (timm's SDPA kernel or explicit softmax attention); on CPUs with more threads than cores,
-``physical_cores``. ``compile``, when left null, is timed last, on top of the others' values. Every combination of them is timed on a copy of the student: forward and backward
-on synthetic crops of the config's shapes, in the run's precision, on the run's device, interleaved over
-``ROUNDS`` rounds. The fastest combination wins only if it beats the fixed rules' combination by more than
+``physical_cores``. ``compile``, when left null, is timed last, on top of the others' values. Every
+combination of them is timed on a copy of the student: forward and backward on synthetic crops of the
+config's shapes, in the run's precision, on the run's device, interleaved over ``ROUNDS`` rounds. The fastest combination wins only if it beats the fixed rules' combination by more than
 ``MARGIN``; otherwise the rules stand, so noise does not flip a lever.
 
 The result is cached per CPU model and flags (or GPU name), torch version, threads, precision and the config's

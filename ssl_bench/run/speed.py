@@ -7,8 +7,8 @@ keeps convolutions in fp32, closer to the fp32 step; ``tests/test_bf16_cpu.py`` 
 measured effect of each lever is in the README ("Speed").
 
 A lever left ``null`` is chosen by ``speed.auto``: ``rules`` (fixed: channels_last for convolutional
-backbones, small_map_conv on the CPU, timm's SDPA attention, convolutions under autocast) or ``measure`` (timed on this machine and
-cached, ``run/lever_tuning.py``). :func:`apply` returns every choice with its source and reason; training
+backbones, small_map_conv on the CPU, timm's SDPA attention, convolutions under autocast) or ``measure``
+(timed on this machine and cached, ``run/lever_tuning.py``). :func:`apply` returns every choice with its source and reason; training
 writes them to env.json (``speed_levers``) and ``bench train`` to its record.
 """
 
@@ -113,7 +113,8 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
                              f"{cfg.backbone.name!r} has no transformer blocks")
         method.student.backbone.model.set_grad_checkpointing(True)
     fixed = rules(is_vit, cuda)
-    smt = _smt_free(cfg, cuda)
+    no_smt = _why_no_thread_choice(cfg, cuda)
+    smt = no_smt is None
     choices: dict[str, dict[str, Any]] = {}
     for name in LEVERS:
         value = getattr(s, name)
@@ -126,7 +127,7 @@ def apply(method: nn.Module, cfg: Config) -> dict[str, dict[str, Any]]:
                              "reason": "ViTs have no convolutions after the patch embedding" if is_vit
                              else f"trainer.precision={cfg.trainer.precision} runs no autocast"}
         elif name == "physical_cores" and not smt:
-            choices[name] = {"value": None, "source": "not applicable", "reason": _no_smt(cfg, cuda)}
+            choices[name] = {"value": None, "source": "not applicable", "reason": no_smt}
         else:
             choices[name] = {"value": fixed[name], "source": "rules", "reason": f"speed.auto=rules ({_why(name)})"}
     to_measure = [n for n in measurable(is_vit, cuda, is_mixed(cfg), smt) if getattr(s, n) is None]
@@ -167,17 +168,9 @@ def _compile_choice(method: nn.Module, cfg: Config, values: dict[str, Any], devi
                                fixed=values)["compile"]
 
 
-def _smt_free(cfg: Config, cuda: bool) -> bool:
-    """Whether ``physical_cores`` has a choice to make: CPU run, threads left null, more threads than cores."""
-    if cuda or cfg.trainer.num_threads is not None:
-        return False
-    from ssl_bench.run import lever_tuning
-
-    logical, physical = lever_tuning.cpu_topology()
-    return physical < logical
-
-
-def _no_smt(cfg: Config, cuda: bool) -> str:
+def _why_no_thread_choice(cfg: Config, cuda: bool) -> str | None:
+    """None when ``physical_cores`` has a choice to make (a CPU run, threads left null, more threads than
+    cores); otherwise why not."""
     if cuda:
         return "a CUDA run: threads feed the GPU"
     if cfg.trainer.num_threads is not None:
@@ -185,7 +178,7 @@ def _no_smt(cfg: Config, cuda: bool) -> str:
     from ssl_bench.run import lever_tuning
 
     logical, physical = lever_tuning.cpu_topology()
-    return f"one thread per core ({physical} cores, {logical} CPUs): torch uses them all"
+    return None if physical < logical else f"one thread per core ({physical} cores, {logical} CPUs): torch uses them all"
 
 
 def _why(name: str) -> str:
