@@ -282,6 +282,13 @@ def test_collapse_thresholds_must_be_ordered():
         load_config(None, ["train.collapse_entropy_low=0.99"])
 
 
+def test_physical_cores_and_a_thread_count_are_refused_together():
+    assert load_config(None, ["speed.physical_cores=true"]).speed.physical_cores is True
+    with pytest.raises(ConfigError, match="speed.physical_cores=true sets one thread per core, but "
+                                          "trainer.num_threads=2 sets the count"):
+        load_config(None, ["speed.physical_cores=true", "trainer.num_threads=2"])
+
+
 def test_field_rules_do_not_enter_the_run_id():
     """Metadata is not a value: the pinned defaults hash is unchanged and a rule-less copy hashes the same."""
     cfg = build_config()

@@ -54,6 +54,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
                             f"data.local_crops_number={d.local_crops_number}"
                             + (f" (a ViT with backbone.patch_size={patch})" if patch else "")
                             + "; data.local_crops_number=0 trains without local crops")
+    if cfg.speed.physical_cores and cfg.trainer.num_threads is not None:
+        problems.append(f"speed.physical_cores=true sets one thread per core, but trainer.num_threads="
+                        f"{cfg.trainer.num_threads} sets the count: set one of them")
     if d.subset is not None:
         problems += filter(None, [one_step_problem(cfg, d.subset, f"data.subset={d.subset}")])
     return problems
