@@ -25,6 +25,22 @@ def test_resnet_with_cifar_stem():
     assert plain.patches.shape == (2, 1, 512)
 
 
+def test_stride_two_stem_halves_every_map_and_keeps_the_run_id_of_stride_one():
+    f = build_backbone(BackboneConfig(name="resnet18", cifar_stem=True, stem_stride=2))(torch.randn(2, 3, 28, 28))
+    assert f.patches.shape == (2, 4, 512)  # 28 -> 14, 7, 4, 2 (stride 1: 4x4 at layer4, above)
+    tree = {"backbone": {"name": "resnet18", "cifar_stem": True}}
+    assert run_id(build_config(tree)) == run_id(build_config({"backbone": {**tree["backbone"], "stem_stride": 1}}))
+    assert run_id(build_config(tree)) != run_id(build_config({"backbone": {**tree["backbone"], "stem_stride": 2}}))
+
+
+def test_stem_stride_needs_the_small_image_stem():
+    with pytest.raises(ConfigError, match="backbone.stem_stride=2 applies to the small-image stem only: set "
+                                          "backbone.cifar_stem=true"):
+        build_config({"backbone": {"name": "resnet18", "stem_stride": 2}})
+    with pytest.raises(ConfigError, match="backbone.stem_stride.*1 or 2"):
+        build_config({"backbone": {"name": "resnet18", "cifar_stem": True, "stem_stride": 4}})
+
+
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(KeyError, match="unknown timm model 'vit_tinyy"):
         build_backbone(BackboneConfig(name="vit_tinyy_patch16_224"))

@@ -298,7 +298,9 @@ def _infer_resnet(state: dict[str, torch.Tensor]) -> BackboneConfig:
     if name is None:
         raise CheckpointError(f"unknown ResNet (bottleneck={bottleneck}, blocks={counts}, width={width}); "
                               f"known: {sorted(set(_RESNETS.values()))}")
-    cifar = state["conv1.weight"].shape[-1] == 3  # ssl-bench's small-image stem (3x3 conv, no max-pool)
+    # ssl-bench's small-image stem (3x3 conv, no max-pool); its stride is not in the weights, so a bare state
+    # dict reads as stride 1 (ssl-bench's own checkpoints take backbone.stem_stride from their config.yaml)
+    cifar = state["conv1.weight"].shape[-1] == 3
     return BackboneConfig(name=name, patch_size=None, img_size=None, depth=None, drop_path_rate=0.0,
                           cifar_stem=cifar)
 

@@ -96,7 +96,10 @@ def build_backbone(cfg: BackboneConfig, mask_token: bool = False) -> Backbone:
     except TypeError as exc:
         raise ValueError(f"backbone {cfg.name!r} rejected its options {timm_kwargs(cfg)}: {exc}") from exc
     if cfg.cifar_stem:
-        apply_cifar_stem(model)
+        apply_cifar_stem(model, cfg.stem_stride)
+    elif cfg.stem_stride != 1:
+        raise ValueError(f"backbone.stem_stride={cfg.stem_stride} applies to the small-image stem only: "
+                         "set backbone.cifar_stem=true with it")
     if cfg.layerscale is not None and not hasattr(model, "patch_embed"):
         raise ValueError(f"backbone.layerscale applies to ViTs only; {cfg.name!r} has no transformer blocks")
     if cfg.pos_embed_interpolation == "dino":
@@ -107,11 +110,11 @@ def build_backbone(cfg: BackboneConfig, mask_token: bool = False) -> Backbone:
     return Backbone(model, mask_token=mask_token)
 
 
-def apply_cifar_stem(model: nn.Module) -> None:
-    """3x3 stride-1 first conv and no max-pool, the usual ResNet stem for 28-32 px images."""
+def apply_cifar_stem(model: nn.Module, stride: int = 1) -> None:
+    """3x3 first conv (stride 1, or 2 for half the maps' cost) and no max-pool: the usual ResNet stem for 28-32 px."""
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d):
         raise ValueError("backbone.cifar_stem=true needs a ResNet-style model with a conv1 layer")
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride, 1, bias=False)
     if hasattr(model, "maxpool"):
         model.maxpool = nn.Identity()

@@ -57,6 +57,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.speed.physical_cores and cfg.trainer.num_threads is not None:
         problems.append(f"speed.physical_cores=true sets one thread per core, but trainer.num_threads="
                         f"{cfg.trainer.num_threads} sets the count: set one of them")
+    if cfg.backbone.stem_stride != 1 and not cfg.backbone.cifar_stem:
+        problems.append(f"backbone.stem_stride={cfg.backbone.stem_stride} applies to the small-image stem only: "
+                        "set backbone.cifar_stem=true with it, or leave backbone.stem_stride at 1")
     if d.subset is not None:
         problems += filter(None, [one_step_problem(cfg, d.subset, f"data.subset={d.subset}")])
     return problems

@@ -70,6 +70,8 @@ class BackboneConfig:
     depth: Optional[int] = checked(4, OPTIONAL_COUNT)  # ViTs only; None keeps the model's own
     drop_path_rate: float = checked(0.1, within(0, 1, open_high=True))
     cifar_stem: bool = False  # ResNets: 3x3 stride-1 stem, no max-pool (28-32 px)
+    # with cifar_stem: the stride of that 3x3 conv (2 halves every feature map: 28 px -> 14 px into layer1)
+    stem_stride: int = checked(1, Rule("1 or 2", lambda v: v in (1, 2) and not isinstance(v, bool)), hashed=UNLESS_DEFAULT)
     layerscale: Optional[float] = checked(None, optional(POSITIVE))  # ViTs: LayerScale init (DINOv2: 1e-5); None = off
     # ViTs, position embedding at other sizes: timm (antialiased bicubic to the new grid) | dino (official DINO
     # interpolate_pos_encoding: bicubic with scale factor (grid + 0.1) / old grid, no antialias)
