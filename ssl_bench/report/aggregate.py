@@ -68,6 +68,7 @@ class Cell:
     not_counted: dict[str, int] = field(default_factory=dict)  # state -> runs kept out (failed, running...)
     no_value: int = 0  # completed runs that did not record this metric
     collapsed: int = 0  # completed runs flagged collapsed (their values are in the mean, and the cell says so)
+    stopped_at: list[int] = field(default_factory=list)  # steps at which train.stop_on_collapse ended such runs
     reference: float | None = None
 
     @property
@@ -97,7 +98,8 @@ class Cell:
     def record(self) -> dict[str, Any]:
         return {"metric": self.metric, "mean": self.mean, "std": self.std, "n": self.n, "ci95": self.ci95,
                 "expected": self.expected, **{f"n_{s}": self.not_counted.get(s, 0) for s in NOT_COUNTED},
-                "n_no_value": self.no_value, "n_collapsed": self.collapsed, "reference": self.reference,
+                "n_no_value": self.no_value, "n_collapsed": self.collapsed,
+                "stopped_at": list(self.stopped_at), "reference": self.reference,
                 "delta": self.delta}
 
 
@@ -152,7 +154,9 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str]) -> 
 
     Only completed runs enter the statistics. Every other run is counted by its state in each cell of
     its row, so a failed seed is visible in the table and not silently averaged away. Collapsed runs did
-    complete: their values are in the statistics and counted in ``Cell.collapsed``.
+    complete: their values are in the statistics and counted in ``Cell.collapsed``; those that
+    ``train.stop_on_collapse`` ended early give their last step in ``Cell.stopped_at`` (their values are
+    from that step, not from the planned end).
     """
     table: dict[str, dict[str, Cell]] = {}
     for key, group in df.groupby(list(rows), sort=False, dropna=False):
@@ -161,6 +165,10 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str]) -> 
         states = group.loc[group["status"] != COMPLETED, "status"].value_counts().to_dict()
         flags = (done["collapse.collapsed"].fillna(False).astype(bool) if "collapse.collapsed" in done
                  else pd.Series(False, index=done.index))
+        stopped = (done["collapse.stopped_early"].notna() if "collapse.stopped_early" in done
+                   else pd.Series(False, index=done.index))
+        steps = pd.to_numeric(done.get("timing.train_steps", pd.Series(index=done.index, dtype=float)),
+                              errors="coerce")
         cells = {}
         for metric in metrics:
             values = pd.to_numeric(done[metric], errors="coerce") if metric in done else pd.Series(dtype=float)
@@ -169,7 +177,9 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str]) -> 
                                  not_counted={str(s): int(c) for s, c in states.items()},
                                  no_value=int((~present).sum()) if metric in done else len(done),
                                  collapsed=0 if metric.endswith(BEFORE_TRAINING) or not len(present)
-                                 else int(flags[present].sum()))
+                                 else int(flags[present].sum()),
+                                 stopped_at=[] if metric.endswith(BEFORE_TRAINING) else
+                                 sorted(int(v) for v in steps[present & stopped].dropna()))
         table[label] = cells
     return table
 

@@ -47,7 +47,8 @@ def stat_text(cell: Cell, ci: bool, digits: int) -> str | None:
 
 
 def notes(cell: Cell) -> str:
-    """Runs kept out of the statistics, and collapsed runs kept in, e.g. ``n=2 of 3: 1 failed; 2 collapsed``."""
+    """Runs kept out of the statistics, and collapsed runs kept in, e.g.
+    ``n=2 of 3: 1 failed; 2 collapsed; stopped at step 40, 60`` (train.stop_on_collapse ended those two)."""
     parts = []
     if cell.n < cell.expected:
         reasons = [f"{c} {s}" for s, c in cell.not_counted.items() if c]
@@ -55,6 +56,8 @@ def notes(cell: Cell) -> str:
         parts.append(f"n={cell.n} of {cell.expected}" + (f": {', '.join(reasons)}" if reasons else ""))
     if cell.collapsed:
         parts.append(f"{cell.collapsed} collapsed")
+    if cell.stopped_at:
+        parts.append("stopped at step " + ", ".join(str(s) for s in cell.stopped_at))
     return "; ".join(parts)
 
 
@@ -125,6 +128,9 @@ def provenance(df: pd.DataFrame, study: str, spec: TableSpec | None = None) -> l
                      f"runs have no value; bold = best mean where higher/lower is better")
     lines.append(f"code: git {', '.join(code_versions(done)) or 'unknown'}")
     lines += setup_lines(done)
+    saved = compute_saved_text(done)
+    if saved:
+        lines.append(saved)
     torn = torn_lines_text(df)
     if torn:
         lines.append(torn)
@@ -138,6 +144,24 @@ def provenance(df: pd.DataFrame, study: str, spec: TableSpec | None = None) -> l
     if spec is not None and spec.command:
         lines.append(f"command: `{spec.command}`")
     return list(dict.fromkeys(lines))  # runs of one study share protocols: say each once
+
+
+def compute_saved_text(done: pd.DataFrame) -> str | None:
+    """``train.stop_on_collapse stopped 2 of 9 runs early: 0.031 device-hours not spent`` (None if none stopped).
+
+    Each stopped run records ``timing.device_hours_saved``: its remaining planned steps at its own measured
+    seconds per step, times its devices.
+    """
+    if "collapse.stopped_early" not in done or not done["collapse.stopped_early"].notna().any():
+        return None
+    stopped = done[done["collapse.stopped_early"].notna()]
+    hours = pd.to_numeric(stopped.get("timing.device_hours_saved", pd.Series(dtype=float)), errors="coerce")
+    device = "GPU" if any(isinstance(h, str) and "x " in h for h in stopped["hardware"]) else "device"
+    text = f"train.stop_on_collapse stopped {len(stopped)} of {len(done)} completed runs early"
+    if hours.notna().any():
+        text += (f": {hours.sum():.3g} {device}-hours not spent"
+                 f" ({hours.sum() * 60:.3g} min{'' if hours.notna().all() else '; some runs did not record it'})")
+    return text
 
 
 def code_versions(done: pd.DataFrame) -> list[str]:

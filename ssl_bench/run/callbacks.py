@@ -108,8 +108,8 @@ class CollapseDiagnostics(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, self._step)
         if collapsed and self.stop_on_collapse and self.stopped_early is None:
-            self.stopped_early = (f"train.stop_on_collapse: collapsed at step {self.monitor.collapsed_step} "
-                                  f"({self.monitor.reason}); stopped after step {self._step}")
+            self.stopped_early = (f"stopped: collapsed at step {self.monitor.collapsed_step} "
+                                  f"({self.monitor.reason}; train.stop_on_collapse), after step {self._step}")
             if trainer.is_global_zero:
                 print(f"[ssl-bench] {self.stopped_early}", flush=True)
             trainer.should_stop = True

@@ -174,6 +174,9 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
     images = (trainer.global_step - start_step) * cfg.data.batch_size * trainer.world_size
     timing.update({"train_s": round(train_s, 2), "train_steps": trainer.global_step,
                    "train_images_per_s": round(images / max(train_s, 1e-9), 2)})
+    timing.update(compute_saved(int(trainer.estimated_stepping_batches), trainer.global_step - start_step,
+                                trainer.global_step, train_s, trainer.world_size,
+                                stopped=diagnostics.stopped_early is not None))
     metrics["train_loss_last"] = _last_logged(trainer, "train/loss", run_dir.path)
     metrics.update({f"{name}_last": value for name, value in diagnostics.last.items() if name != "collapsed"})
 
@@ -188,6 +191,20 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
         timing["knn_s"] = round(time.time() - t0, 2)
     timing["peak_rss_mb"] = round(repro.peak_rss_mb(), 1)
     attempt.diagnostics = diagnostics.summary()
+
+
+def compute_saved(planned_steps: int, steps_run: int, steps_done: int, train_s: float, world_size: int,
+                  stopped: bool) -> dict[str, float]:
+    """``planned_steps``, and for a run ``stopped`` early (collapse), the device-hours its remaining steps would take.
+
+    The remaining ``planned_steps - steps_done`` steps are priced at this attempt's measured seconds per step
+    (``train_s / steps_run``, so a resumed attempt uses its own pace) on ``world_size`` devices.
+    """
+    out: dict[str, float] = {"planned_steps": planned_steps}
+    left = planned_steps - steps_done
+    if stopped and left > 0 and steps_run > 0:
+        out["device_hours_saved"] = round(left * train_s / steps_run * world_size / 3600, 6)
+    return out
 
 
 def _rank_weight_hashes(method: torch.nn.Module) -> dict[str, Any]:

@@ -25,7 +25,7 @@ STUDY_RUN_IDS = {
         "dino_no_centering_no_sharpening-37c14a31", "dino_sinkhorn-78afd9c0", "dino_sinkhorn-a485ce8b",
         "dino_sinkhorn-c90ef4a9",
     ],
-    "experiments/fashion_mnist_dino_best.yaml": ["dino-a86025cd"],
+    "experiments/fashion_mnist_dino_best.yaml": ["dino-4825a998"],
     "experiments/fashion_mnist_dino_long.yaml": ["dino-01e7f743"],
     "experiments/precision_bf16_cpu.yaml": ["dino-bebe7abb", "dino-53b51dff", "dino-c34feeae", "dino-6b01b812",
                                            "dino-3d2f8855", "dino-3e9ff098"],
