@@ -15,16 +15,19 @@ from ssl_bench.launch.grid import load_study
 REPO = Path(__file__).resolve().parents[2]
 
 STUDY_RUN_IDS = {
-    # The demo moved to ResNet-18 and a short-run recipe in issue 20 (a new study, not a schema change).
-    "experiments/demo.yaml": ["dino-a11105db", "dino_no_centering-402827c9", "dino_no_sharpening-c303a49e"],
+    # The demo moved to ResNet-18, a short-run recipe and stop_on_collapse in issue 20 (a new study, not a schema change).
+    "experiments/demo.yaml": ["dino-103c0d1b", "dino_no_centering-38d0923f", "dino_no_sharpening-5ef4a79f"],
+    # The collapse study moved to the demo's ResNet-18 recipe in issue 20 (a new study, not a schema change).
     "experiments/fashion_mnist_collapse.yaml": [
-        "dino-edb47c96", "dino-5d515864", "dino-9f64ba0d", "dino_no_centering-53499fdf",
-        "dino_no_centering-72ba0904", "dino_no_centering-87c296c7", "dino_no_sharpening-68705470",
-        "dino_no_sharpening-5aa4d4ab", "dino_no_sharpening-fb3b3df2",
-        "dino_no_centering_no_sharpening-5b14ab7f", "dino_no_centering_no_sharpening-8a94a19c",
-        "dino_no_centering_no_sharpening-37c14a31", "dino_sinkhorn-78afd9c0", "dino_sinkhorn-a485ce8b",
-        "dino_sinkhorn-c90ef4a9",
+        "dino-a814735b", "dino-a8497253", "dino-dbbb945b",
+        "dino_no_centering-68a23b90", "dino_no_centering-3f74f78a", "dino_no_centering-621963cc",
+        "dino_no_sharpening-2f441c82", "dino_no_sharpening-705d7b73", "dino_no_sharpening-3cef94f6",
+        "dino_no_centering_no_sharpening-95a3eaff", "dino_no_centering_no_sharpening-43aaeed4",
+        "dino_no_centering_no_sharpening-a0577386",
+        "dino_sinkhorn-0015e207", "dino_sinkhorn-137dc3bd", "dino_sinkhorn-914492ab",
     ],
+    "experiments/fashion_mnist_dino_search.yaml": ["dino-ecec68fa", "dino-cd6351b2", "dino-d366848d", "dino-830fa99b"],
+    "experiments/fashion_mnist_dino_search_stem.yaml": ["dino-698085d1", "dino-4b5c48c9"],
     "experiments/fashion_mnist_dino_best.yaml": ["dino-4825a998"],
     "experiments/fashion_mnist_dino_long.yaml": ["dino-01e7f743"],
     "experiments/precision_bf16_cpu.yaml": ["dino-bebe7abb", "dino-53b51dff", "dino-c34feeae", "dino-6b01b812",

@@ -29,3 +29,20 @@ def test_pixel_knn_baselines():
     centred = knn_accuracies(x_train - mean, y_train, x_test - mean, y_test, [20], 0.07, 10)[20]["top1"]
     assert raw == pytest.approx(84.6, abs=0.1)
     assert centred == pytest.approx(86.1, abs=0.1)
+
+
+def test_pixel_knn_on_the_seeded_subsets_of_the_pilots():
+    """experiments/references/fashion_mnist_pixels_subset.yaml: the 10000/2000 subsets (seed 0) of the pilots."""
+    from ssl_bench.data.datasets import seeded_subset
+    from ssl_bench.eval.knn import knn_accuracies
+
+    x_train, y_train = load("train")
+    x_test, y_test = load("t10k")
+    bank = torch.tensor(seeded_subset(list(range(len(x_train))), 10000, 0).indices)
+    test = torch.tensor(seeded_subset(list(range(len(x_test))), 2000, 0).indices)
+    xb, yb, xt, yt = x_train[bank], y_train[bank], x_test[test], y_test[test]
+    raw = knn_accuracies(xb, yb, xt, yt, [20], 0.07, 10)[20]["top1"]
+    mean = xb.mean(0)
+    centred = knn_accuracies(xb - mean, yb, xt - mean, yt, [20], 0.07, 10)[20]["top1"]
+    assert raw == pytest.approx(80.80, abs=0.01)
+    assert centred == pytest.approx(83.95, abs=0.01)
