@@ -127,6 +127,20 @@ class CollapseDiagnostics(Callback):
         return {**self.monitor.summary(), "stopped_early": self.stopped_early, "last": self.last}
 
 
+def compute_saved(planned_steps: int, steps_run: int, steps_done: int, train_s: float, world_size: int,
+                  stopped: bool) -> dict[str, float]:
+    """``planned_steps``, and for a run ``stopped`` early (collapse), the device-hours its remaining steps would take.
+
+    The remaining ``planned_steps - steps_done`` steps are priced at this attempt's measured seconds per step
+    (``train_s / steps_run``, so a resumed attempt uses its own pace) on ``world_size`` devices.
+    """
+    out: dict[str, float] = {"planned_steps": planned_steps}
+    left = planned_steps - steps_done
+    if stopped and left > 0 and steps_run > 0:
+        out["device_hours_saved"] = round(left * train_s / steps_run * world_size / 3600, 6)
+    return out
+
+
 def agree(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """The diagnostics averaged over the ranks, in one all-reduce, so every rank sees the same numbers.
 

@@ -28,7 +28,7 @@ from ssl_bench.eval.knn_protocol import run_knn
 from ssl_bench.methods import build_method
 from ssl_bench.methods.finite import NonFiniteError
 from ssl_bench.run import speed
-from ssl_bench.run.callbacks import CollapseDiagnostics, Heartbeat, InitialKNN, OnlineKNN, ProgressLines
+from ssl_bench.run.callbacks import CollapseDiagnostics, Heartbeat, compute_saved, InitialKNN, OnlineKNN, ProgressLines
 from ssl_bench.run.checkpoints import AtomicLastCheckpoint
 from ssl_bench.run.guard import NonFiniteGuard
 from ssl_bench.run.preemption import Preempted, agreed_preemption
@@ -191,20 +191,6 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
         timing["knn_s"] = round(time.time() - t0, 2)
     timing["peak_rss_mb"] = round(repro.peak_rss_mb(), 1)
     attempt.diagnostics = diagnostics.summary()
-
-
-def compute_saved(planned_steps: int, steps_run: int, steps_done: int, train_s: float, world_size: int,
-                  stopped: bool) -> dict[str, float]:
-    """``planned_steps``, and for a run ``stopped`` early (collapse), the device-hours its remaining steps would take.
-
-    The remaining ``planned_steps - steps_done`` steps are priced at this attempt's measured seconds per step
-    (``train_s / steps_run``, so a resumed attempt uses its own pace) on ``world_size`` devices.
-    """
-    out: dict[str, float] = {"planned_steps": planned_steps}
-    left = planned_steps - steps_done
-    if stopped and left > 0 and steps_run > 0:
-        out["device_hours_saved"] = round(left * train_s / steps_run * world_size / 3600, 6)
-    return out
 
 
 def _rank_weight_hashes(method: torch.nn.Module) -> dict[str, Any]:

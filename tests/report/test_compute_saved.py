@@ -6,7 +6,7 @@ import pytest
 
 from ssl_bench.report.collect import collect
 from ssl_bench.report.table import TableSpec, render
-from ssl_bench.run.train import compute_saved
+from ssl_bench.run.callbacks import compute_saved
 
 
 def test_remaining_steps_are_priced_at_the_attempts_own_pace():
