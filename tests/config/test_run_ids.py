@@ -36,7 +36,7 @@ STUDY_RUN_IDS = {
     ],
     "experiments/fashion_mnist_dino_search.yaml": ["dino-ecec68fa", "dino-cd6351b2", "dino-d366848d", "dino-830fa99b"],
     "experiments/fashion_mnist_dino_search_stem.yaml": ["dino-698085d1", "dino-4b5c48c9"],
-    "experiments/fashion_mnist_dino_search_stem_nostop.yaml": ["dino-3d1ca7ff", "dino-6ebb8635"],
+    "experiments/fashion_mnist_dino_search_stem_nostop.yaml": ["dino-23306645", "dino-168ee944"],
     "experiments/fashion_mnist_dino_best.yaml": ["dino-4825a998"],
     "experiments/fashion_mnist_dino_long.yaml": ["dino-01e7f743"],
     "experiments/precision_bf16_cpu.yaml": ["dino-bebe7abb", "dino-53b51dff", "dino-c34feeae", "dino-6b01b812",
