@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 STUDY_RUN_IDS = {
     # The demo moved to ResNet-18 and a short-run recipe in issue 20 (a new study, not a schema change).
-    "experiments/demo.yaml": ["dino-a11105db", "dino_no_centering-402827c9", "dino_no_sharpening-c303a49e"],
+    # Issue 20 (item 4): the demo stops its collapsed arms (train.stop_on_collapse).
+    "experiments/demo.yaml": ["dino-103c0d1b", "dino_no_centering-38d0923f", "dino_no_sharpening-5ef4a79f"],
     "experiments/fashion_mnist_collapse.yaml": [
         "dino-edb47c96", "dino-5d515864", "dino-9f64ba0d", "dino_no_centering-53499fdf",
         "dino_no_centering-72ba0904", "dino_no_centering-87c296c7", "dino_no_sharpening-68705470",
@@ -25,7 +26,7 @@ STUDY_RUN_IDS = {
         "dino_no_centering_no_sharpening-37c14a31", "dino_sinkhorn-78afd9c0", "dino_sinkhorn-a485ce8b",
         "dino_sinkhorn-c90ef4a9",
     ],
-    # Issue 20: the collapse study on the demo's ResNet-18 recipe (not yet run).
+    # Issue 20: the collapse study on the demo's ResNet-18 recipe.
     "experiments/fashion_mnist_collapse_resnet.yaml": [
         "dino-a814735b", "dino-a8497253", "dino-dbbb945b",
         "dino_no_centering-68a23b90", "dino_no_centering-3f74f78a", "dino_no_centering-621963cc",
