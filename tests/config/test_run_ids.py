@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 STUDY_RUN_IDS = {
     # The demo moved to ResNet-18 and a short-run recipe in issue 20 (a new study, not a schema change).
-    # Issue 20 (item 4): the demo stops its collapsed arms (train.stop_on_collapse).
-    "experiments/demo.yaml": ["dino-103c0d1b", "dino_no_centering-38d0923f", "dino_no_sharpening-5ef4a79f"],
+    # Issue 20 (item 4): the demo stops its collapsed arms (train.stop_on_collapse), uniform bound 0.99.
+    "experiments/demo.yaml": ["dino-0b8caf00", "dino_no_centering-474ca0b3", "dino_no_sharpening-8a6fcf9b"],
     "experiments/fashion_mnist_collapse.yaml": [
         "dino-edb47c96", "dino-5d515864", "dino-9f64ba0d", "dino_no_centering-53499fdf",
         "dino_no_centering-72ba0904", "dino_no_centering-87c296c7", "dino_no_sharpening-68705470",
@@ -26,14 +26,14 @@ STUDY_RUN_IDS = {
         "dino_no_centering_no_sharpening-37c14a31", "dino_sinkhorn-78afd9c0", "dino_sinkhorn-a485ce8b",
         "dino_sinkhorn-c90ef4a9",
     ],
-    # Issue 20: the collapse study on the demo's ResNet-18 recipe.
+    # Issue 20: the collapse study on the demo's ResNet-18 recipe (uniform bound 0.99: README).
     "experiments/fashion_mnist_collapse_resnet.yaml": [
-        "dino-a814735b", "dino-a8497253", "dino-dbbb945b",
-        "dino_no_centering-68a23b90", "dino_no_centering-3f74f78a", "dino_no_centering-621963cc",
-        "dino_no_sharpening-2f441c82", "dino_no_sharpening-705d7b73", "dino_no_sharpening-3cef94f6",
-        "dino_no_centering_no_sharpening-95a3eaff", "dino_no_centering_no_sharpening-43aaeed4",
-        "dino_no_centering_no_sharpening-a0577386",
-        "dino_sinkhorn-0015e207", "dino_sinkhorn-137dc3bd", "dino_sinkhorn-914492ab",
+        "dino-de46ff04", "dino-87a2872e", "dino-1ade6af9",
+        "dino_no_centering-88d62b2a", "dino_no_centering-4bce47db", "dino_no_centering-078b9728",
+        "dino_no_sharpening-72aa06e3", "dino_no_sharpening-9b46e329", "dino_no_sharpening-dc44cec5",
+        "dino_no_centering_no_sharpening-35f8670d", "dino_no_centering_no_sharpening-ffb49415",
+        "dino_no_centering_no_sharpening-52110451",
+        "dino_sinkhorn-29efe55d", "dino_sinkhorn-dbf463a0", "dino_sinkhorn-fab6da19",
     ],
     "experiments/fashion_mnist_dino_search.yaml": ["dino-ecec68fa", "dino-cd6351b2", "dino-d366848d", "dino-830fa99b"],
     "experiments/fashion_mnist_dino_search_stem.yaml": ["dino-698085d1", "dino-4b5c48c9"],

@@ -62,6 +62,35 @@ def test_monitor_needs_a_sustained_window_and_records_its_first_step():
     assert m.summary()["collapse_step"] == 40 and m.summary()["collapsed"]
 
 
+# Recorded trajectories (step, teacher entropy, KL) of ResNet-18 DINO runs on Fashion-MNIST, K = 1024
+# (log K = 6.931), from metrics.jsonl (2026-12-06). A healthy DINO arm of the ResNet collapse study
+# (dino-a8497253, its k-NN kept rising) sits at 98.1-98.4% of log K with KL >= 0.06 for 50 steps; the
+# stride-2 stem of search round 3, uniform for all 312 steps (dino-23306645 at lr 2e-3, dino-168ee944 at
+# 5e-4), passes 99%.
+HEALTHY_DINO = [(0, 5.636, 1.036), (10, 6.149, 0.594), (20, 6.417, 0.358), (30, 6.656, 0.195),
+                (40, 6.752, 0.128), (50, 6.799, 0.099), (60, 6.805, 0.082), (70, 6.818, 0.082),
+                (80, 6.819, 0.069), (90, 6.806, 0.063)]
+STEM_LR_2E3 = [(0, 5.738, 0.833), (10, 6.431, 0.391), (20, 6.696, 0.194), (30, 6.83, 0.087),
+               (40, 6.876, 0.044), (50, 6.891, 0.026), (60, 6.896, 0.021), (70, 6.902, 0.016), (80, 6.908, 0.013)]
+STEM_LR_5E4 = [(50, 6.803, 0.107), (60, 6.828, 0.084), (70, 6.849, 0.066), (80, 6.867, 0.052),
+                (90, 6.877, 0.043), (100, 6.88, 0.04), (110, 6.886, 0.038), (120, 6.886, 0.036),
+                (130, 6.89, 0.033)]
+
+
+def _verdict(history, entropy_high):
+    m = CollapseMonitor(num_prototypes=1024, entropy_high=entropy_high)
+    for h in history:
+        m.update(*h)
+    return m.collapsed_step, m.reason
+
+
+def test_the_default_uniform_bound_flags_a_healthy_resnet_dino_run_and_0_99_does_not():
+    assert _verdict(HEALTHY_DINO, 0.98) == (50, REASON_ENTROPY_UNIFORM)  # why the ResNet studies set 0.99
+    assert _verdict(HEALTHY_DINO, 0.99) == (None, None)
+    assert _verdict(STEM_LR_2E3, 0.99) == (40, REASON_ENTROPY_UNIFORM)
+    assert _verdict(STEM_LR_5E4, 0.99) == (80, REASON_ENTROPY_UNIFORM)
+
+
 # ---- non-finite inputs: an error with counts, never a NaN diagnostic --------------------------------------
 
 def _bad(n=6, d=4, nan_at=((1, 2),), inf_at=()):
