@@ -26,14 +26,14 @@ STUDY_RUN_IDS = {
         "dino_no_centering_no_sharpening-37c14a31", "dino_sinkhorn-78afd9c0", "dino_sinkhorn-a485ce8b",
         "dino_sinkhorn-c90ef4a9",
     ],
-    # Issue 20: the collapse study on the demo's ResNet-18 recipe (uniform bound 0.99: README).
+    # Issue 20: the collapse study on the demo's ResNet-18 recipe (uniform bound 0.99: README; 468 steps).
     "experiments/fashion_mnist_collapse_resnet.yaml": [
-        "dino-de46ff04", "dino-87a2872e", "dino-1ade6af9",
-        "dino_no_centering-88d62b2a", "dino_no_centering-4bce47db", "dino_no_centering-078b9728",
-        "dino_no_sharpening-72aa06e3", "dino_no_sharpening-9b46e329", "dino_no_sharpening-dc44cec5",
-        "dino_no_centering_no_sharpening-35f8670d", "dino_no_centering_no_sharpening-ffb49415",
-        "dino_no_centering_no_sharpening-52110451",
-        "dino_sinkhorn-29efe55d", "dino_sinkhorn-dbf463a0", "dino_sinkhorn-fab6da19",
+        "dino-c5cf8d1d", "dino-b3929fa6", "dino-cfde9139",
+        "dino_no_centering-44129bb7", "dino_no_centering-94eb79cf", "dino_no_centering-70a647d1",
+        "dino_no_sharpening-396bcb29", "dino_no_sharpening-253783fa", "dino_no_sharpening-760a316a",
+        "dino_no_centering_no_sharpening-b3e1b7ff", "dino_no_centering_no_sharpening-c66be3f6",
+        "dino_no_centering_no_sharpening-01bb8f1e",
+        "dino_sinkhorn-87380c0a", "dino_sinkhorn-e7c8df28", "dino_sinkhorn-e4d02cfb",
     ],
     "experiments/fashion_mnist_dino_search.yaml": ["dino-ecec68fa", "dino-cd6351b2", "dino-d366848d", "dino-830fa99b"],
     "experiments/fashion_mnist_dino_search_stem.yaml": ["dino-698085d1", "dino-4b5c48c9"],
