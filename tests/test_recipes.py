@@ -99,6 +99,8 @@ HEADERS = {
     "dino_table7_no_multicrop.yaml": (["Table 7", "#122", DINO_SHA], ["67.9", "72.5"]),
     "dino_teacher_temp.yaml": (["2104.14294", DINO_SHA], ["66.7", "69.6", "68.7", "0.1"]),
     "dino_teacher_temp_warmup.yaml": (["2104.14294", DINO_SHA], ["69.7"]),
+    "dino_table7.yaml": (["Table 7", "#122", DINO_SHA], ["72.8", "76.1", "0.1", "72.2", "76.0", "67.9", "72.5"]),
+    "dino_teacher_temp_table.yaml": (["2104.14294", DINO_SHA], ["66.7", "69.6", "68.7", "0.1", "69.7"]),
 }
 
 
@@ -318,7 +320,7 @@ def test_teacher_temp_warmup_study_is_the_papers_warmup():
 
 
 STUDIES = ["dino_table7_ablation.yaml", "dino_table7_no_multicrop.yaml", "dino_teacher_temp.yaml",
-           "dino_teacher_temp_warmup.yaml"]
+           "dino_teacher_temp_warmup.yaml", "dino_table7.yaml", "dino_teacher_temp_table.yaml"]
 
 
 @pytest.mark.parametrize("name", STUDIES)

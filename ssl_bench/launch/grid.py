@@ -1,13 +1,19 @@
-"""Study files -> validated RunSpecs (cartesian grid axes x seeds).
+"""Study files -> validated RunSpecs (named arms x cartesian grid axes x seeds).
 
 A study file::
 
     study: demo                      # optional; defaults to the file name
     base: fashion_mnist_dino.yaml    # config file every run starts from (relative path)
     config: {optim: {epochs: 2}}     # overrides applied to every run
-    grid:                            # cartesian product of dotted keys
-      method.name: [dino, dino_no_centering]
+    arms:                            # optional: named sets of keys that vary together
+      - {name: full, method.name: dino}
+      - {name: no_multicrop, method.name: dino_no_multicrop, data.global_crop_scale: [0.14, 1.0]}
+    grid:                            # cartesian product of dotted keys (times the arms)
+      method.teacher_temp: [0.04, 0.07]
     seeds: [0, 1]
+
+An arm's name is the ``arm`` axis of the study (``grid plan``, tables, labels); it is not part of
+the config, so a run's id depends only on the config its arm resolves to.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Any
 
 from ssl_bench import config as config_lib
 
-STUDY_KEYS = ("study", "description", "base", "config", "grid", "seeds")
+STUDY_KEYS = ("study", "description", "base", "config", "arms", "grid", "seeds")
+ARM_AXIS = "arm"  # the axis name under which a study's named arms appear
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     shared = config_lib.deep_merge(base_tree, _mapping(data, "config", path))
     shared = config_lib.deep_merge(shared, _study_overrides(overrides, path))
     axes = _read_axes(data.get("grid") or {}, path)
+    arms = _read_arms(data.get("arms"), path, axes)
+    if arms:
+        axes = {ARM_AXIS: list(arms), **axes}
     seeds = _read_seeds(data.get("seeds"), path)
-    runs = _make_specs(shared, name, axes, seeds, path)
+    runs = _make_specs(shared, name, axes, seeds, path, arms)
     _check_unique(runs, path)
     for spec in runs:
         spec.run_dir  # noqa: B018 -- raises ConfigError unless inside tracking.runs_root
@@ -125,6 +135,40 @@ def _read_axes(grid: Any, path: Path) -> dict[str, list[Any]]:
     return axes
 
 
+def _read_arms(arms: Any, path: Path, axes: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
+    """Arm name -> its dotted keys and values, in file order; every problem names the arm and the key."""
+    if arms is None:
+        return {}
+    where = f"study file {str(path)!r}"
+    example = "arms: [{name: full, method.name: dino}, {name: no_momentum, method.name: dino_no_momentum}]"
+    if not isinstance(arms, list) or not arms:
+        raise config_lib.ConfigError(f"{where}: 'arms' must be a non-empty list of mappings, each with a 'name' "
+                                     f"and the dotted keys it sets, e.g. {example}; got {arms!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for i, arm in enumerate(arms):
+        if not isinstance(arm, dict) or not isinstance(arm.get("name"), str) or not arm["name"].strip():
+            raise config_lib.ConfigError(f"{where}: arm {i} must be a mapping with a non-empty string 'name' "
+                                         f"(e.g. {example}); got {arm!r}")
+        name = arm["name"]
+        if name in out:
+            raise config_lib.ConfigError(f"{where}: arm name {name!r} is given twice; each arm needs its own name")
+        keys = {k: v for k, v in arm.items() if k != "name"}
+        for key, value in keys.items():
+            if not isinstance(key, str) or not key:
+                raise config_lib.ConfigError(f"{where}: arm {name!r}: {key!r} must be a dotted config key")
+            if key in ("study", "seed"):
+                raise config_lib.ConfigError(f"{where}: arm {name!r} may not set {key!r}; "
+                                             f"{'the study name comes from the study file' if key == 'study' else 'seeds come from the study file: seeds'}")
+            if key in axes:
+                raise config_lib.ConfigError(f"{where}: arm {name!r} sets {key!r}, which is also a grid axis; "
+                                             f"set it in the arms or in the grid, not both")
+            probe: dict[str, Any] = {}
+            config_lib.set_dotted(probe, key, value)
+            config_lib.check_keys(probe, source=f"{path} arm {name!r}")
+        out[name] = keys
+    return out
+
+
 def _read_seeds(seeds: Any, path: Path) -> list[int]:
     if seeds is None:
         return [0]
@@ -140,7 +184,7 @@ def _product(axes: dict[str, list[Any]]) -> list[tuple[tuple[str, Any], ...]]:
 
 
 def _make_specs(shared: dict[str, Any], study: str, axes: dict[str, list[Any]], seeds: list[int],
-                path: Path) -> list[RunSpec]:
+                path: Path, arms: dict[str, dict[str, Any]] | None = None) -> list[RunSpec]:
     """Every run of the grid; the problems of all runs are reported at once, each problem once with the
     runs that have it (a bad value in ``config:`` is one line, not one per run)."""
     runs: list[RunSpec] = []
@@ -148,7 +192,7 @@ def _make_specs(shared: dict[str, Any], study: str, axes: dict[str, list[Any]], 
     for combo in _product(axes):
         for seed in seeds:
             try:
-                runs.append(make_spec(shared, study, combo, seed, str(path)))
+                runs.append(make_spec(shared, study, combo, seed, str(path), arms))
             except config_lib.ConfigError as exc:
                 label = ", ".join([*(f"{k}={v}" for k, v in combo), f"seed={seed}"])
                 for line in str(exc).splitlines():
@@ -163,12 +207,15 @@ def _make_specs(shared: dict[str, Any], study: str, axes: dict[str, list[Any]], 
 
 
 def make_spec(shared: dict[str, Any], study: str, combo: tuple[tuple[str, Any], ...], seed: int,
-              source: str) -> RunSpec:
+              source: str, arms: dict[str, dict[str, Any]] | None = None) -> RunSpec:
+    """One run: ``shared``, then the keys of its arm (the ``arm`` axis of ``combo``), then its grid point."""
     tree = config_lib.deep_merge(shared, {"study": study, "seed": seed})
     for key, value in combo:
-        point: dict[str, Any] = {}
-        config_lib.set_dotted(point, key, value)
-        tree = config_lib.deep_merge(tree, point)
+        settings = (arms or {})[value] if key == ARM_AXIS else {key: value}
+        for dotted, setting in settings.items():
+            point: dict[str, Any] = {}
+            config_lib.set_dotted(point, dotted, setting)
+            tree = config_lib.deep_merge(tree, point)
     label = ", ".join(f"{k}={v}" for k, v in combo) or "base"
     cfg = config_lib.build_config(tree, source=f"{source} [{label}, seed={seed}]")
     return RunSpec(config_lib.run_id(cfg), cfg, combo, seed)

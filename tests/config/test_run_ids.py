@@ -48,6 +48,12 @@ STUDY_RUN_IDS = {
     "experiments/recipes/dino_table7_no_multicrop.yaml": ["dino_no_multicrop-2be63f97"],
     "experiments/recipes/dino_teacher_temp.yaml": ["dino-b5a85644", "dino-0d915330", "dino-b51c8306", "dino-4a465287"],
     "experiments/recipes/dino_teacher_temp_warmup.yaml": ["dino-9de8c0b4"],
+    # Issue 21 (item 3): the same runs as one study file of named arms each (tests/launch/test_study_arms.py).
+    "experiments/recipes/dino_table7.yaml": [
+        "dino-611622af", "dino_no_momentum-7192325d", "dino_sinkhorn-8296d29c", "dino_no_multicrop-2be63f97",
+    ],
+    "experiments/recipes/dino_teacher_temp_table.yaml": ["dino-b5a85644", "dino-0d915330", "dino-b51c8306",
+                                                         "dino-4a465287", "dino-9de8c0b4"],
 }
 
 CONFIG_FILE_RUN_IDS = {
