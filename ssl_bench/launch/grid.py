@@ -27,6 +27,8 @@ from ssl_bench import config as config_lib
 
 STUDY_KEYS = ("study", "description", "base", "config", "arms", "grid", "seeds")
 ARM_AXIS = "arm"  # the axis name under which a study's named arms appear
+ARM_RESERVED = {"study": "the study name comes from the study file",
+                "seed": "seeds come from the study file's 'seeds:'"}
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,7 @@ def _read_axes(grid: Any, path: Path) -> dict[str, list[Any]]:
         values = values if isinstance(values, list) else [values]
         if not values:
             raise config_lib.ConfigError(f"study file {str(path)!r}: grid axis {key!r} has no values")
-        probe: dict[str, Any] = {}
-        config_lib.set_dotted(probe, key, values[0])
-        config_lib.check_keys(probe, source=f"{path} grid")
+        _check_dotted(key, values[0], f"{path} grid")
         axes[key] = values
     return axes
 
@@ -156,17 +156,21 @@ def _read_arms(arms: Any, path: Path, axes: dict[str, list[Any]]) -> dict[str, d
         for key, value in keys.items():
             if not isinstance(key, str) or not key:
                 raise config_lib.ConfigError(f"{where}: arm {name!r}: {key!r} must be a dotted config key")
-            if key in ("study", "seed"):
-                raise config_lib.ConfigError(f"{where}: arm {name!r} may not set {key!r}; "
-                                             f"{'the study name comes from the study file' if key == 'study' else 'seeds come from the study file: seeds'}")
+            if key in ARM_RESERVED:
+                raise config_lib.ConfigError(f"{where}: arm {name!r} may not set {key!r}; {ARM_RESERVED[key]}")
             if key in axes:
                 raise config_lib.ConfigError(f"{where}: arm {name!r} sets {key!r}, which is also a grid axis; "
                                              f"set it in the arms or in the grid, not both")
-            probe: dict[str, Any] = {}
-            config_lib.set_dotted(probe, key, value)
-            config_lib.check_keys(probe, source=f"{path} arm {name!r}")
+            _check_dotted(key, value, f"{path} arm {name!r}")
         out[name] = keys
     return out
+
+
+def _check_dotted(key: str, value: Any, source: str) -> None:
+    """An unknown dotted key is an error naming ``source`` and the valid keys (config_lib.check_keys)."""
+    probe: dict[str, Any] = {}
+    config_lib.set_dotted(probe, key, value)
+    config_lib.check_keys(probe, source=source)
 
 
 def _read_seeds(seeds: Any, path: Path) -> list[int]:
