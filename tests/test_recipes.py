@@ -65,7 +65,8 @@ DINO_800 = {**DINO_BOOSTED, "epochs": 800, "global_crop_scale": [0.25, 1.0], "lo
 DINO_RN50 = {**DINO_VANILLA, "backbone": "resnet50", "patch_size": None, "img_size": None, "drop_path": 0.0,
              "optimizer": "sgd", "base_lr": 0.03, "lr": 0.06, "weight_decay": 1e-4, "weight_decay_end": 1e-4,
              "global_crop_scale": [0.14, 1.0], "local_crop_scale": [0.05, 0.14],
-             "pos_embed_interpolation": "timm"}  # no position embedding in a ResNet
+             "pos_embed_interpolation": "timm",  # no position embedding in a ResNet
+             "sync_batchnorm": True}  # main_dino.py: nn.SyncBatchNorm.convert_sync_batchnorm(student/teacher)
 # dinov2 ssl_default_config.yaml (+ vitl14.yaml: patch 14, local crops 98, Sinkhorn-Knopp), ViT-S.
 DINOV2_VITS14: dict[str, Any] = {
     **DINO_VANILLA, "method": "dinov2", "backbone": "vit_small_patch14_dinov2", "patch_size": 14,
@@ -105,7 +106,7 @@ HEADERS = {
 
 
 def total_batch(cfg: config_lib.Config) -> int:
-    return cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
+    return config_lib.images_per_step(cfg)
 
 
 def effective_local_crops(cfg: config_lib.Config) -> int:
@@ -124,7 +125,7 @@ def resolved(cfg: config_lib.Config, keys: set[str]) -> dict[str, Any]:
         "optimizer": o.optimizer, "epochs": o.epochs, "warmup_epochs": o.warmup_epochs, "min_lr": o.min_lr,
         "weight_decay": o.weight_decay, "weight_decay_end": o.weight_decay_end, "clip_grad": o.clip_grad,
         "drop_path": b.drop_path_rate, "layerwise_decay": o.layerwise_decay,
-        "pos_embed_interpolation": b.pos_embed_interpolation,
+        "pos_embed_interpolation": b.pos_embed_interpolation, "sync_batchnorm": b.sync_batchnorm,
         "patch_embed_lr_mult": o.patch_embed_lr_mult, "layerscale": b.layerscale,
         "global_crops": dino_methods.NUM_GLOBAL_CROPS, "global_crop_size": d.global_crop_size,
         "global_crop_scale": list(d.global_crop_scale), "local_crops": effective_local_crops(cfg),

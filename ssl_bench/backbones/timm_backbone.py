@@ -118,3 +118,8 @@ def apply_cifar_stem(model: nn.Module, stride: int = 1) -> None:
     model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride, 1, bias=False)
     if hasattr(model, "maxpool"):
         model.maxpool = nn.Identity()
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` holds a BatchNorm layer (what ``backbone.sync_batchnorm`` converts)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

@@ -39,10 +39,10 @@ def train_images(cfg: config_lib.Config, dataset_size: int) -> tuple[int, int]:
     """(optimizer steps, images) of a run: epochs x full batches per epoch, or trainer.max_steps if smaller."""
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     per_rank = math.ceil(min(dataset_size, cfg.data.subset or dataset_size) / world)
-    steps = cfg.optim.epochs * (per_rank // cfg.data.batch_size)
+    steps = cfg.optim.epochs * (per_rank // config_lib.rank_batch_size(cfg))
     if cfg.trainer.max_steps >= 0:
         steps = min(steps, cfg.trainer.max_steps)
-    return steps, steps * cfg.data.batch_size * world
+    return steps, steps * config_lib.images_per_step(cfg)
 
 
 def dataset_size(cfg: config_lib.Config) -> int:

@@ -41,6 +41,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if t.collapse_entropy_low >= t.collapse_entropy_high:
         problems.append(f"train.collapse_entropy_low={t.collapse_entropy_low} must be below "
                         f"train.collapse_entropy_high={t.collapse_entropy_high}")
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    if cfg.backbone.sync_batchnorm and cfg.trainer.accelerator == "cpu" and world > 1:
+        problems.append(f"backbone.sync_batchnorm=true with trainer.accelerator=cpu and {world} processes: torch's "
+                        "SyncBatchNorm runs on CUDA GPUs only; use trainer.accelerator=gpu, or "
+                        "backbone.sync_batchnorm=false (statistics per process)")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
         problems.append(f"eval.knn_report_k={cfg.eval.knn_report_k} must be one of eval.knn_k={cfg.eval.knn_k}")
     if d.augment_on == "device" and d.multicrop != "tensor":
@@ -65,9 +70,14 @@ def cross_field_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def rank_batch_size(cfg: Config) -> int:
+    """Training images one optimizer step consumes on each process: data.batch_size x optim.accumulate_grad_batches."""
+    return cfg.data.batch_size * cfg.optim.accumulate_grad_batches
+
+
 def images_per_step(cfg: Config) -> int:
-    """Training images one optimizer step consumes across all processes."""
-    return cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
+    """Training images one optimizer step consumes across all processes (the effective batch)."""
+    return rank_batch_size(cfg) * cfg.trainer.devices * cfg.trainer.num_nodes
 
 
 def one_step_problem(cfg: Config, images: int, what: str) -> Optional[str]:
@@ -76,5 +86,7 @@ def one_step_problem(cfg: Config, images: int, what: str) -> Optional[str]:
     if need < 1 or images // need >= 1:
         return None
     t = cfg.trainer
+    accumulate = cfg.optim.accumulate_grad_batches
     return (f"{what} gives no training step per epoch: a step needs {need} images (data.batch_size="
-            f"{cfg.data.batch_size} x trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes})")
+            f"{cfg.data.batch_size}" + (f" x optim.accumulate_grad_batches={accumulate}" if accumulate > 1 else "")
+            + f" x trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes})")

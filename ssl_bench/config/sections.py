@@ -77,6 +77,9 @@ class BackboneConfig:
     # interpolate_pos_encoding: bicubic with scale factor (grid + 0.1) / old grid, no antialias)
     pos_embed_interpolation: str = checked("timm", one_of(*POS_EMBED_INTERPOLATIONS), hashed=UNLESS_DEFAULT)
     kwargs: dict[str, Any] = checked({})  # more timm.create_model kwargs
+    # BatchNorm backbones under DDP: statistics over every rank's batch (DINO's ResNet-50 recipe converts
+    # student and teacher); torch's SyncBatchNorm runs on CUDA only
+    sync_batchnorm: bool = checked(False, hashed=UNLESS_DEFAULT)
 
 
 @dataclass
@@ -125,6 +128,9 @@ class OptimConfig:
     layerwise_decay: float = checked(1.0, within(0, 1, open_low=True))
     # ViTs: extra lr factor on the patch embedding (DINOv2: 0.2)
     patch_embed_lr_mult: float = checked(1.0, NON_NEGATIVE)
+    # micro-batches of data.batch_size per optimizer step on each device: one optimizer, EMA, schedule and
+    # center update per data.batch_size x this x devices x nodes images (the lr scales with that batch)
+    accumulate_grad_batches: int = checked(1, COUNT, hashed=UNLESS_DEFAULT)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Datasets, DINO multi-crop (PIL per image or batched on uint8 tensors), iBOT masking, typed batch, DataModule."""
 
-from ssl_bench.data.batch import Batch, as_batch, collate_batch
+from ssl_bench.data.batch import Batch, as_batch, collate_batch, split_batch
 
 from ssl_bench.data.datasets import (
     DATASETS,
@@ -21,6 +21,7 @@ from ssl_bench.data.transforms import MultiCropTransform, eval_transform, linear
 
 __all__ = [
     "Batch",
+    "split_batch",
     "BlockMaskGenerator",
     "DATASETS",
     "DataNotFoundError",

@@ -40,3 +40,25 @@ def as_batch(batch: Batch | Sequence[Any]) -> Batch:
         raise TypeError(f"got a {type(batch).__name__}, not a training Batch: with data.augment_on=device the "
                         "crops are made by SSLDataModule.on_after_batch_transfer; train with the datamodule")
     return Batch(*batch)
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """``parts`` equal micro-batches of ``batch`` in order, for gradient accumulation (``optim.accumulate_grad_batches``).
+
+    Micro-batch i holds images ``i*B/parts ... (i+1)*B/parts - 1`` of every view; its masks are the
+    same images' rows of both global views, so they stay in ``torch.cat(crops[:2])`` order.
+
+    Args: batch: crops V tensors (B, 3, H_v, W_v), labels (B,), masks (2B, N) or None; B divisible by ``parts``.
+    """
+    if parts == 1:
+        return [batch]
+    size = batch.crops[0].shape[0]
+    if size % parts:
+        raise ValueError(f"a batch of {size} images does not split into {parts} equal micro-batches")
+    crops = [view.chunk(parts) for view in batch.crops]
+    labels = batch.labels.chunk(parts)
+    masks = None
+    if batch.masks is not None:  # (2B, N) -> (2, B, N): split the images, keep both global views of each
+        masks = [m.reshape(-1, m.shape[-1]) for m in batch.masks.reshape(2, size, -1).chunk(parts, dim=1)]
+    return [Batch([view[i] for view in crops], labels[i], masks[i] if masks is not None else None)
+            for i in range(parts)]

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_bench import config as config_lib
 from ssl_bench.config import Config
 from ssl_bench.data.batch import Batch, collate_batch
 from ssl_bench.data.decode import keep_encoded
@@ -82,7 +83,8 @@ class SSLDataModule(L.LightningDataModule):
         # Our sampler shards by rank itself, so the Trainer runs with use_distributed_sampler=False.
         return ResumableLoader(
             self.train_set,
-            batch_size=data.batch_size,  # every step sees a full batch, as in DINO
+            # every step sees a full batch, as in DINO; with optim.accumulate_grad_batches the method splits it
+            batch_size=config_lib.rank_batch_size(self.cfg),
             seed=self.cfg.seed,
             rank=rank,
             world_size=self.world_size,
@@ -155,7 +157,7 @@ class SSLDataModule(L.LightningDataModule):
         so each rank sees ceil(N / world) items and drops the last partial batch.
         """
         per_rank = math.ceil(len(self.train_set) / self.world_size)  # type: ignore[arg-type]
-        return per_rank // self.cfg.data.batch_size
+        return per_rank // config_lib.rank_batch_size(self.cfg)
 
 
 def eval_loaders(cfg: Config) -> tuple[DataLoader, DataLoader]:

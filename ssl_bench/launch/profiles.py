@@ -252,9 +252,11 @@ def check_run(cfg: config_lib.Config, profile: Profile, limits: Limits, label: s
     if limits.time_min is not None and profile.time_min > limits.time_min:
         errors.append(f"time_min={profile.time_min} exceeds the partition's limit of {limits.time_min} min")
     world = shape.nodes * shape.tasks_per_node
-    if train_size is not None and train_size // world < cfg.data.batch_size:
-        errors.append(f"{world} processes x data.batch_size={cfg.data.batch_size} = total batch "
-                      f"{world * cfg.data.batch_size}, but each process gets only {train_size // world} of the "
+    rank_batch = config_lib.rank_batch_size(cfg)
+    if train_size is not None and train_size // world < rank_batch:
+        per_step = "data.batch_size" + (" x optim.accumulate_grad_batches" if rank_batch != cfg.data.batch_size else "")
+        errors.append(f"{world} processes x {per_step}={rank_batch} = total batch "
+                      f"{world * rank_batch}, but each process gets only {train_size // world} of the "
                       f"{train_size} training images: no full batch per epoch; lower the batch size or the devices")
     if errors:
         raise config_lib.ConfigError(f"{where}: " + "; ".join(errors))

@@ -7,6 +7,7 @@ the EMA update and the schedules of ``train_dino``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from typing import Any, NamedTuple, Optional
@@ -17,7 +18,7 @@ from torch import nn
 
 from ssl_bench import schedules
 from ssl_bench.backbones import Backbone, Features, build_backbone
-from ssl_bench.config import Config, run_id
+from ssl_bench.config import Config, rank_batch_size, run_id
 from ssl_bench.heads import DINOHead
 from ssl_bench.methods.finite import FiniteWatch
 from ssl_bench.methods.parts import NUM_GLOBAL_CROPS
@@ -32,6 +33,25 @@ class DiagnosticInputs(NamedTuple):
     targets: list[torch.Tensor]  # teacher probabilities per global view, (B, K) each
     student_logits: list[torch.Tensor]  # student outputs per view, (B, K) each
     teacher_cls: torch.Tensor  # (2B, D) teacher backbone CLS features of the global views
+
+
+class MicroStep(NamedTuple):
+    """What one micro-batch of a step leaves for the step's end (``DINO.end_step``)."""
+
+    losses: dict[str, torch.Tensor]  # scalar losses by name, "dino" first
+    teacher_logits: torch.Tensor  # (2b, K) detached teacher outputs of the global views, for the targets' update
+    diagnostics: Optional[DiagnosticInputs]  # None unless the diagnostics callback sampled this step
+    loss: Optional[torch.Tensor] = None  # detached weighted loss / number of micro-batches
+
+
+def merge_diagnostics(parts: list[DiagnosticInputs]) -> DiagnosticInputs:
+    """The diagnostics inputs of a whole step from those of its micro-batches (rows concatenated per view)."""
+    if len(parts) == 1:
+        return parts[0]
+    views = range(len(parts[0].targets))
+    return DiagnosticInputs([torch.cat([p.targets[v] for p in parts]) for v in views],
+                            [torch.cat([p.student_logits[v] for p in parts]) for v in range(len(parts[0].student_logits))],
+                            torch.cat([p.teacher_cls for p in parts]))
 
 
 class StudentTeacherNet(nn.Module):
@@ -214,7 +234,8 @@ class SSLMethod(L.LightningModule):
         return int(round(epochs * self.steps_per_epoch))
 
     def total_batch_size(self) -> int:
-        return self.cfg.data.batch_size * self.trainer.world_size
+        """Images per optimizer step over all ranks (the lr scales with it): micro-batches included."""
+        return rank_batch_size(self.cfg) * self.trainer.world_size
 
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
@@ -277,6 +298,14 @@ class SSLMethod(L.LightningModule):
         # forward passes, raising peak memory by one copy of the student (same update either way).
         opt.zero_grad(set_to_none=True)
         return values
+
+    def gradient_sync_paused(self) -> contextlib.AbstractContextManager:
+        """Under DDP, ``no_sync``: a backward of a micro-batch that is not a step's last keeps its gradients
+        local (the last one's all-reduce averages their sum); elsewhere nothing."""
+        model = self._trainer.strategy.model if self._trainer is not None else None
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscaled gradients first, then DINO's per-parameter clip and the last-layer freeze (habit 12)."""

@@ -14,10 +14,11 @@ from typing import ClassVar
 
 import torch
 
-from ssl_bench.config import Config
-from ssl_bench.data.batch import Batch, as_batch
+from ssl_bench.backbones import has_batchnorm
+from ssl_bench.config import Config, rank_batch_size
+from ssl_bench.data.batch import Batch, as_batch, split_batch
 from ssl_bench.losses import dino_cross_entropy
-from ssl_bench.methods.base import METHODS, DiagnosticInputs, SSLMethod, ema_update
+from ssl_bench.methods.base import METHODS, DiagnosticInputs, MicroStep, SSLMethod, ema_update, merge_diagnostics
 from ssl_bench.methods.parts import (NUM_GLOBAL_CROPS, CenteringTargets, KoLeo, LossTerm, SinkhornKnoppTargets,
                                      StepTensors, ZeroCenterTargets, drop_obsolete_centers)
 
@@ -55,10 +56,34 @@ class DINO(SSLMethod):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """One iteration of DINO's Algorithm 1, plus the recipe's optional terms.
 
+        With ``optim.accumulate_grad_batches`` = A the loader's batch is A micro-batches of
+        ``data.batch_size``: each is forwarded and back-propagated with its loss / A, and the
+        optimizer, the targets (the center sees all A micro-batches' teacher outputs), the EMA and
+        the schedules step once after the last, as one step of the whole batch.
+
         Args: batch: crops V tensors (B, 3, H_v, W_v), 2 global views first; masks (2B, N) or None.
         """
-        batch, step = as_batch(batch), self.global_step
+        step = self.global_step
         teacher_temp = self.teacher_temp_at(step)
+        parts = split_batch(as_batch(batch), self.cfg.optim.accumulate_grad_batches)
+        done: list[MicroStep] = []
+        for i, part in enumerate(parts):
+            micro = self.forward_losses(part, step, teacher_temp)
+            loss = self.weighed_loss(step, micro.losses) / len(parts)
+            if i < len(parts) - 1:  # accumulate: the gradients sum over the micro-batches
+                self.finite.observe(step, "loss", loss)
+                with self.gradient_sync_paused():
+                    self.manual_backward(loss)
+            else:
+                schedule = self.optimize(loss, step)
+            done.append(micro._replace(loss=loss.detach()))
+        return self.end_step(step, done, schedule, {"train/teacher_temp": teacher_temp})
+
+    def forward_losses(self, batch: Batch, step: int, teacher_temp: float) -> MicroStep:
+        """The teacher's targets and the student's losses of one (micro-)batch; nothing is updated.
+
+        Args: batch: crops V tensors (b, 3, H_v, W_v); masks (2b, N) or None.
+        """
         with torch.no_grad():  # the teacher sees the global views only
             teacher, teacher_logits = self.teacher.forward_views(batch.crops[:NUM_GLOBAL_CROPS])
             targets = self.teacher_probs(teacher_logits, teacher_temp).chunk(NUM_GLOBAL_CROPS)
@@ -68,15 +93,13 @@ class DINO(SSLMethod):
         tensors = StepTensors(teacher, student, batch.masks, teacher_temp)
         losses.update((term.name, term.loss(tensors)) for term in self.loss_terms)
         self.finite.observe(step, "teacher output", teacher_logits)
-        return self.end_step(step, losses, teacher_logits, DiagnosticInputs(targets, student_logits, teacher.cls),
-                             {"train/teacher_temp": teacher_temp})
+        diagnostics = DiagnosticInputs(targets, student_logits, teacher.cls) if self.diagnostics_wanted else None
+        return MicroStep(losses, teacher_logits.detach(), diagnostics)
 
-    def end_step(self, step: int, losses: dict[str, torch.Tensor], teacher_logits: torch.Tensor,
-                 diagnostics: DiagnosticInputs, logs: dict[str, float]) -> torch.Tensor:
-        """The shared end of every step: weigh and watch the losses, optimise, update the targets, EMA, log.
+    def weighed_loss(self, step: int, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DINO's loss plus each term's weighted loss; each watched for non-finite values.
 
-        Args: losses: scalar losses, ``"dino"`` first, then each term's by name; teacher_logits: (2B, K)
-        teacher outputs of the global views, for the targets' update after the loss (DINO's center).
+        Args: losses: scalar losses, ``"dino"`` first, then each term's by name.
         """
         loss = losses["dino"]
         for term in self.loss_terms:
@@ -85,17 +108,55 @@ class DINO(SSLMethod):
             self.finite.observe(step, "DINO loss", losses["dino"])
             for term in self.loss_terms:
                 self.finite.observe(step, term.what, losses[term.name])
-        schedule = self.optimize(loss, step)
-        self.centering.update(teacher_logits)
+        return loss
+
+    def end_step(self, step: int, done: list[MicroStep], schedule: dict[str, float],
+                 logs: dict[str, float]) -> torch.Tensor:
+        """The shared end of every step, after the optimizer's: update the targets and the terms, EMA, log.
+
+        Args: done: every micro-batch of the step; their (2b, K) teacher outputs update the targets
+        together, after the loss (DINO's center), as the teacher outputs of the whole batch.
+        """
+        self.centering.update(done[0].teacher_logits if len(done) == 1 else
+                              torch.cat([micro.teacher_logits for micro in done]))
         for term in self.loss_terms:
             term.update()
         momentum = self.momentum_at(step)
         ema_update(self.teacher, self.student, momentum)
-        self.offer_diagnostics(*diagnostics)
+        if self.diagnostics_wanted:
+            self.offer_diagnostics(*merge_diagnostics([micro.diagnostics for micro in done]))
+        # the step's losses are the means over its micro-batches (each loss is a batch mean), as one batch's
+        losses = {name: torch.stack([micro.losses[name].detach() for micro in done]).mean() for name in done[0].losses}
+        loss = torch.stack([micro.loss for micro in done]).sum()
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({**self.term_logs(losses), "train/lr": schedule["lr"], "train/wd": schedule["wd"],
                        "train/momentum": momentum, **logs})
         return loss
+
+    def accumulation_note(self) -> str | None:
+        """What a run with ``optim.accumulate_grad_batches`` > 1 prints when parts see micro-batches only."""
+        accumulate, parts = self.cfg.optim.accumulate_grad_batches, self.micro_batch_parts()
+        if accumulate == 1 or not parts:
+            return None
+        return (f"optim.accumulate_grad_batches={accumulate}: {', '.join(parts)} see micro-batches of "
+                f"data.batch_size={self.cfg.data.batch_size} per rank, not the whole batch of "
+                f"{rank_batch_size(self.cfg)}: the step differs from one large-batch step")
+
+    def micro_batch_parts(self) -> list[str]:
+        """The parts that read a whole batch at once, so that under ``optim.accumulate_grad_batches`` they see
+        one micro-batch (all ranks'), not the whole step's batch: the step then differs from the large batch's."""
+        parts = []
+        if isinstance(self.centering, SinkhornKnoppTargets):
+            parts.append("Sinkhorn-Knopp targets")
+        for term in self.loss_terms:
+            if isinstance(term, KoLeo):
+                parts.append("KoLeo's nearest neighbours")
+            elif isinstance(getattr(term, "targets", None), SinkhornKnoppTargets):
+                parts.append("iBOT's Sinkhorn-Knopp patch targets")
+        if has_batchnorm(self.student):
+            parts.append("BatchNorm statistics (synchronised over the ranks with backbone.sync_batchnorm)"
+                         if self.cfg.backbone.sync_batchnorm else "BatchNorm statistics")
+        return parts
 
     def term_logs(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
         """``train/loss_<name>`` of DINO's loss and each term (only with terms: alone it is train/loss)."""

@@ -156,8 +156,9 @@ class IBOT(LossTerm):
         self.student_head = getattr(student, "ibot_head", student.head)
         self.teacher_head = getattr(teacher, "ibot_head", teacher.head)
         self.targets = self.patch_targets.build(m, dim)
-        self._pending: torch.Tensor | None = None  # this step's teacher patch logits, until update()
-        self._masked = torch.zeros(())
+        # this step's teacher patch logits, one tensor per micro-batch (optim.accumulate_grad_batches), until update()
+        self._pending: list[torch.Tensor] = []
+        self._masked = 0
 
     def weight(self) -> float:
         return self.m.ibot_weight
@@ -171,12 +172,15 @@ class IBOT(LossTerm):
         with torch.no_grad():
             teacher_logits = self.teacher_head(step.teacher.patches[masks])  # (M, K_p)
             targets = self.targets.probs(teacher_logits, step.teacher_temp)
-        self._pending, self._masked = teacher_logits, masks.sum()
+        self._pending.append(teacher_logits)
         student_logits = self.student_head(step.student.patches[masks])
         return ibot_masked_patch_loss(student_logits, targets, masks, self.m.student_temp)
 
     def update(self) -> None:
-        teacher_logits, self._pending = self._pending, None
+        """The patch targets' update with every masked patch of the step, all micro-batches together."""
+        pending, self._pending = self._pending, []
+        teacher_logits = pending[0] if len(pending) == 1 else torch.cat(pending)
+        self._masked = teacher_logits.shape[0]
         if teacher_logits.shape[0]:  # a batch without masked patches leaves the center where it is
             self.targets.update(teacher_logits)
 

@@ -203,8 +203,11 @@ def setup_lines(done: pd.DataFrame) -> list[str]:
     subset = _values(done, "config.data.subset")
     data = _values(done, "config.data.name") + ("" if subset == "?" else f" (training subset {subset})")
     steps = _values(done, "timing.train_steps")
+    accumulate = _values(done, "config.optim.accumulate_grad_batches")  # "?" for records from before the key
+    batch = _values(done, "config.data.batch_size") + ("" if accumulate in ("?", "1") else
+                                                        f" x {accumulate} accumulated micro-batches")
     lines = [f"data: {data}; backbone {_values(done, 'config.backbone.name')}; epochs {_values(done, 'config.optim.epochs')}"
-             f"; batch {_values(done, 'config.data.batch_size')}" + (f"; steps {steps}" if steps != "?" else "")]
+             f"; batch {batch}" + (f"; steps {steps}" if steps != "?" else "")]
     lines.append(f"hardware: {_values(done, 'hardware')}; world size {_values(done, 'world_size')}; "
                  f"torch {_values(done, 'torch_version')}")
     return lines

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ssl_bench import dist, tracking
+from ssl_bench.config import rank_batch_size
 from ssl_bench.eval import collapse
 
 class ProgressLines(Callback):
@@ -41,7 +42,7 @@ class ProgressLines(Callback):
                 if scaler is not None else "")
         print(f"[ssl-bench] step {step}/{total} epoch {trainer.current_epoch} "
               f"loss {float(loss) if loss is not None else float('nan'):.4f} "
-              f"{rate * trainer.world_size * pl_module.cfg.data.batch_size:.1f} img/s "
+              f"{rate * trainer.world_size * rank_batch_size(pl_module.cfg):.1f} img/s "
               f"ETA {(total - step) / max(rate, 1e-9) / 60:.1f} min{fp16}", flush=True)
 
 

@@ -171,7 +171,7 @@ def _train_and_evaluate(cfg: config_lib.Config, run_dir: tracking.RunDir, attemp
     train_s = time.time() - t0 - (timing.get("knn_init_s", 0.0) if attempt.knn_init else 0.0)  # minus the init k-NN
     _raise_if_preempted(trainer, method.device)
     attempt.ddp = _rank_weight_hashes(method)
-    images = (trainer.global_step - start_step) * cfg.data.batch_size * trainer.world_size
+    images = (trainer.global_step - start_step) * config_lib.rank_batch_size(cfg) * trainer.world_size
     timing.update({"train_s": round(train_s, 2), "train_steps": trainer.global_step,
                    "train_images_per_s": round(images / max(train_s, 1e-9), 2)})
     timing.update(compute_saved(int(trainer.estimated_stepping_batches), trainer.global_step - start_step,
@@ -225,6 +225,9 @@ def build_datamodule(cfg: config_lib.Config, method: torch.nn.Module) -> SSLData
     if local == 0 and cfg.data.local_crops_number:
         print(f"[ssl-bench] {cfg.method.name}: 2 global views only; data.local_crops_number="
               f"{cfg.data.local_crops_number} is not used", flush=True)
+    note = method.accumulation_note()
+    if note and repro.launch_rank(cfg.trainer.devices) == 0:
+        print(f"[ssl-bench] {note}", flush=True)
     return SSLDataModule(cfg, local_crops_number=local, mask_grid=grid)
 
 
@@ -241,6 +244,7 @@ def trainer_settings(cfg: config_lib.Config) -> dict[str, Any]:
     """The ``L.Trainer`` arguments every training loop shares (runs here, ``ssl-bench bench train``)."""
     t = cfg.trainer
     return {"accelerator": t.accelerator, "devices": t.devices, "num_nodes": t.num_nodes, **precision_settings(cfg),
+            "sync_batchnorm": cfg.backbone.sync_batchnorm,  # Lightning converts student and teacher before DDP
             "max_epochs": cfg.optim.epochs, "enable_checkpointing": False, "enable_model_summary": False,
             "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
             "num_sanity_val_steps": 0}
@@ -338,6 +342,7 @@ def _last_logged(trainer: L.Trainer, key: str, directory: Path) -> float | None:
 
 def validate_config(cfg: config_lib.Config, label: str = "config", check_data: bool = True) -> None:
     """Fail before anything starts: unknown method/dataset/backbone, unbuildable model, unreachable data."""
+    from ssl_bench.backbones import has_batchnorm
     from ssl_bench.data import DATASETS, check_dataset
     from ssl_bench.methods import METHODS
     from ssl_bench.registry import RegistryError
@@ -353,6 +358,9 @@ def validate_config(cfg: config_lib.Config, label: str = "config", check_data: b
     except Exception as exc:
         raise config_lib.ConfigError(f"{label}: cannot build method {cfg.method.name!r} with backbone "
                                      f"{cfg.backbone.name!r}: {exc}") from exc
+    if cfg.backbone.sync_batchnorm and not has_batchnorm(method.student):
+        raise config_lib.ConfigError(f"{label}: backbone.sync_batchnorm=true but {cfg.backbone.name!r} has no "
+                                     "BatchNorm layer to synchronise; set it for BatchNorm backbones (ResNets) only")
     if method.uses_masks:
         try:
             patch_grid(cfg.data.global_crop_size, method.student.backbone.patch_size)

@@ -60,7 +60,7 @@ CONFIG_FILE_RUN_IDS = {
     "experiments/fashion_mnist_dino.yaml": "dino-1e4acb5a",
     "experiments/bench/tiny_cpu_resnet18.yaml": "dino-8640474a",
     "experiments/bench/tiny_cpu_vit.yaml": "dino-059feed6",
-    "experiments/recipes/dino_rn50.yaml": "dino-c7bbddb5",
+    "experiments/recipes/dino_rn50.yaml": "dino-7e3b4906",  # issue 21: sync_batchnorm true (was dino-c7bbddb5)
     "experiments/recipes/dino_vits16_100ep.yaml": "dino-0d915330",
     "experiments/recipes/dino_vits16_300ep_boosted.yaml": "dino-611622af",
     "experiments/recipes/dino_vits16_800ep.yaml": "dino-3abc8760",

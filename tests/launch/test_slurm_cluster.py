@@ -88,6 +88,36 @@ def test_array_of_two_node_ddp_runs_with_wandb(slurm_cluster, tmp_path, tiny_tre
     assert table.returncode == 0 and "dino_no_centering" in table.stdout, table.stderr[-2000:]
 
 
+def test_two_node_accumulated_arm_equals_the_large_batch_arm(slurm_cluster, tmp_path, tiny_tree):
+    """A study with two arms on 2 nodes: batch 8 per rank against 2 accumulated micro-batches of 4 per rank.
+
+    The arms vary data.batch_size and optim.accumulate_grad_batches together (``arms:``); with SGD and no
+    drop path the two trajectories are the same up to float rounding (tests/methods/test_accumulation.py).
+    """
+    from tests.methods.test_accumulation import EXACT, _assert_states
+
+    tree = config_lib.deep_merge(tiny_tree, {**EXACT, "trainer": {"num_nodes": 2, "max_steps": 3},
+                                             "eval": {"knn_init": False}})
+    (tmp_path / "accumulate_base.yaml").write_text(yaml.safe_dump(tree))
+    study_file = tmp_path / "accumulate.yaml"
+    study_file.write_text(yaml.safe_dump({"study": "accumulate", "base": "accumulate_base.yaml", "seeds": [0], "arms": [
+        {"name": "large", "data.batch_size": 8},
+        {"name": "accumulated", "data.batch_size": 4, "optim.accumulate_grad_batches": 2}]}))
+    plan = cli(slurm_cluster, "grid", "plan", str(study_file), cwd=tmp_path)
+    assert plan.returncode == 0 and "large" in plan.stdout and "accumulated" in plan.stdout, plan.stderr[-2000:]
+    out = cli(slurm_cluster, "grid", "launch", str(study_file), "--cluster", "slurm", "--profile", PROFILE,
+              "--wait", "--poll", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    states = {}
+    for spec in load_study(study_file).runs:
+        result = json.loads((spec.run_dir / "result.json").read_text())
+        assert result["status"] == "completed" and result["timing"]["train_steps"] == 3, result
+        assert result["ddp"]["world_size"] == 2 and len(set(result["ddp"]["teacher_sha256"])) == 1
+        ckpt = torch.load(spec.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        states[spec.config.optim.accumulate_grad_batches] = ckpt["state_dict"]
+    _assert_states(states[2], states[1], close=True)
+
+
 def test_requeued_run_resumes_to_the_weights_of_an_uninterrupted_run(slurm_cluster, tmp_path, tiny_tree):
     study_file = write_study(tmp_path, tiny_tree, "requeue", {"method.name": ["dino"]},
                              optim={"epochs": 40}, trainer={"max_steps": 120, "num_threads": 1},

@@ -88,6 +88,15 @@ def test_markdown_cells_say_what_is_missing(study):
     assert "hardware: 2 CPU cores (x86_64); world size 1; torch 2.14.1" in text
 
 
+def test_setup_line_names_accumulated_micro_batches(tmp_path):
+    runs = [make_run(tmp_path, f"r{i}", "dino", i, knn=50.0) for i in range(2)]
+    config = runs[1]["run_dir"] / "config.yaml"
+    config.write_text(config.read_text() + "  accumulate_grad_batches: 4\n")  # under optim:
+    text = render(collect(runs), "s", TableSpec(rows=["method"], metrics=["knn_top1"]), "md")
+    assert "epochs 1; batch 32 x 4 accumulated micro-batches" in text  # 1 (older record: absent) and 4
+    assert "epochs 1; batch 32\n" in render(collect(runs[:1]), "s", TableSpec(rows=["method"], metrics=["knn_top1"]), "md")
+
+
 def test_ci_option_and_lower_is_better_bolding(tmp_path):
     runs = [make_run(tmp_path, f"r{i}", m, i, knn=k, wall=w)
             for i, (m, k, w) in enumerate([("a", 50.0, 100.0), ("a", 54.0, 120.0), ("b", 60.0, 300.0),
