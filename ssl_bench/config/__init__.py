@@ -2,7 +2,7 @@
 
 from ssl_bench.config.checks import (check_values, cross_field_problems, field_problems,  # noqa: F401
                                      images_per_step, is_vit_name, one_step_problem,
-                                     rank_batch_size)
+                                     rank_batch_size, rank_batch_terms)
 from ssl_bench.config.hashing import HASHED_UNLESS_DEFAULT, UNHASHED_KEYS, config_hash, run_id  # noqa: F401
 from ssl_bench.config.loading import (BASE_KEY, UniqueKeyLoader, build_config, check_base,  # noqa: F401
                                       check_keys, deep_merge, from_dict, load_config, load_config_tree,

@@ -75,6 +75,13 @@ def rank_batch_size(cfg: Config) -> int:
     return cfg.data.batch_size * cfg.optim.accumulate_grad_batches
 
 
+def rank_batch_terms(cfg: Config) -> str:
+    """The keys that make :func:`rank_batch_size`, for messages: ``data.batch_size=8 x optim.accumulate_grad_batches=2``."""
+    accumulate = cfg.optim.accumulate_grad_batches
+    return f"data.batch_size={cfg.data.batch_size}" + (f" x optim.accumulate_grad_batches={accumulate}"
+                                                       if accumulate > 1 else "")
+
+
 def images_per_step(cfg: Config) -> int:
     """Training images one optimizer step consumes across all processes (the effective batch)."""
     return rank_batch_size(cfg) * cfg.trainer.devices * cfg.trainer.num_nodes
@@ -86,7 +93,5 @@ def one_step_problem(cfg: Config, images: int, what: str) -> Optional[str]:
     if need < 1 or images // need >= 1:
         return None
     t = cfg.trainer
-    accumulate = cfg.optim.accumulate_grad_batches
-    return (f"{what} gives no training step per epoch: a step needs {need} images (data.batch_size="
-            f"{cfg.data.batch_size}" + (f" x optim.accumulate_grad_batches={accumulate}" if accumulate > 1 else "")
-            + f" x trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes})")
+    return (f"{what} gives no training step per epoch: a step needs {need} images ({rank_batch_terms(cfg)} "
+            f"x trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes})")

@@ -21,7 +21,6 @@ from ssl_bench.data.transforms import MultiCropTransform, eval_transform, linear
 
 __all__ = [
     "Batch",
-    "split_batch",
     "BlockMaskGenerator",
     "DATASETS",
     "DataNotFoundError",
@@ -46,4 +45,5 @@ __all__ = [
     "read_idx",
     "sample_masks",
     "seeded_subset",
+    "split_batch",
 ]

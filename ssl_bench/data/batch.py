@@ -43,7 +43,7 @@ def as_batch(batch: Batch | Sequence[Any]) -> Batch:
 
 
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
-    """``parts`` equal micro-batches of ``batch`` in order, for gradient accumulation (``optim.accumulate_grad_batches``).
+    """``parts`` equal micro-batches of ``batch``, in order, for ``optim.accumulate_grad_batches``.
 
     Micro-batch i holds images ``i*B/parts ... (i+1)*B/parts - 1`` of every view; its masks are the
     same images' rows of both global views, so they stay in ``torch.cat(crops[:2])`` order.

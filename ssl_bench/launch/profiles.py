@@ -254,8 +254,7 @@ def check_run(cfg: config_lib.Config, profile: Profile, limits: Limits, label: s
     world = shape.nodes * shape.tasks_per_node
     rank_batch = config_lib.rank_batch_size(cfg)
     if train_size is not None and train_size // world < rank_batch:
-        per_step = "data.batch_size" + (" x optim.accumulate_grad_batches" if rank_batch != cfg.data.batch_size else "")
-        errors.append(f"{world} processes x {per_step}={rank_batch} = total batch "
+        errors.append(f"{world} processes x {config_lib.rank_batch_terms(cfg)} = total batch "
                       f"{world * rank_batch}, but each process gets only {train_size // world} of the "
                       f"{train_size} training images: no full batch per epoch; lower the batch size or the devices")
     if errors:

@@ -48,9 +48,10 @@ def merge_diagnostics(parts: list[DiagnosticInputs]) -> DiagnosticInputs:
     """The diagnostics inputs of a whole step from those of its micro-batches (rows concatenated per view)."""
     if len(parts) == 1:
         return parts[0]
-    views = range(len(parts[0].targets))
-    return DiagnosticInputs([torch.cat([p.targets[v] for p in parts]) for v in views],
-                            [torch.cat([p.student_logits[v] for p in parts]) for v in range(len(parts[0].student_logits))],
+    def per_view(views: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        return [torch.cat(rows) for rows in zip(*views)]
+
+    return DiagnosticInputs(per_view([p.targets for p in parts]), per_view([p.student_logits for p in parts]),
                             torch.cat([p.teacher_cls for p in parts]))
 
 

@@ -125,9 +125,10 @@ class DINO(SSLMethod):
         ema_update(self.teacher, self.student, momentum)
         if self.diagnostics_wanted:
             self.offer_diagnostics(*merge_diagnostics([micro.diagnostics for micro in done]))
-        # the step's losses are the means over its micro-batches (each loss is a batch mean), as one batch's
-        losses = {name: torch.stack([micro.losses[name].detach() for micro in done]).mean() for name in done[0].losses}
-        loss = torch.stack([micro.loss for micro in done]).sum()
+        losses, loss = done[0].losses, done[0].loss
+        if len(done) > 1:  # the step's losses: means over its micro-batches (each is a batch mean), as one batch's
+            losses = {name: torch.stack([micro.losses[name].detach() for micro in done]).mean() for name in losses}
+            loss = torch.stack([micro.loss for micro in done]).sum()
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({**self.term_logs(losses), "train/lr": schedule["lr"], "train/wd": schedule["wd"],
                        "train/momentum": momentum, **logs})

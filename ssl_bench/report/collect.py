@@ -101,8 +101,8 @@ def run_row(run: dict[str, Any], result: dict[str, Any] | None, env: dict[str, A
 
 
 # Config values every table footer and comparison needs; dotted paths into the resolved config.
-CONFIG_FIELDS = ("data.name", "data.subset", "data.batch_size", "optim.accumulate_grad_batches", "backbone.name", "optim.epochs",
-                 "trainer.max_steps", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+CONFIG_FIELDS = ("data.name", "data.subset", "data.batch_size", "optim.accumulate_grad_batches", "backbone.name",
+                 "optim.epochs", "trainer.max_steps", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
                  "trainer.precision")
 
 

@@ -224,7 +224,6 @@ def method_outputs(target: Target, device: torch.device, batches: int) -> Method
         views[2].append(teacher_cls)
     if not views[2]:
         raise config_lib.ConfigError(f"{target.record_dir}: the training set gives no full batch of "
-                                     f"{config_lib.rank_batch_size(cfg)} images (data.batch_size={cfg.data.batch_size}"
-                                     f" x optim.accumulate_grad_batches={cfg.optim.accumulate_grad_batches})")
+                                     f"{config_lib.rank_batch_size(cfg)} images ({config_lib.rank_batch_terms(cfg)})")
     return MethodOutputs([torch.cat(v) for v in zip(*views[0])], [torch.cat(v) for v in zip(*views[1])],
                          torch.cat(views[2]), len(views[2]), teacher_temp)
