@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
 import torch.distributed as torch_dist
 
@@ -16,6 +19,12 @@ def world_size() -> int:
 
 def rank() -> int:
     return torch_dist.get_rank() if is_distributed() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_distributed():
+        torch_dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,3 +85,49 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     torch_dist.all_gather(gathered, padded)
     return torch.cat([g[:c] for g, c in zip(gathered, counts)]).to(tensor.device)
+
+
+# Where a launcher puts (rank, world size, local rank): srun (submitit's eval jobs) and torchrun (``ssl-bench eval``).
+LAUNCHER_ENV = {"slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+                "torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
+def launcher_ranks(launcher: str, environ: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) that ``launcher`` ("slurm" or "torchrun") set; (0, 1, 0) when unset."""
+    environ = os.environ if environ is None else environ
+    names = LAUNCHER_ENV[launcher]
+    if not all(n in environ for n in names[:2]):
+        return 0, 1, 0
+    return int(environ[names[0]]), int(environ[names[1]]), int(environ.get(names[2], "0") or 0)
+
+
+def join_launched_group(launcher: str, device: torch.device, timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group of the tasks that ``launcher`` started, if it started more than one.
+
+    The rendezvous is MASTER_ADDR:MASTER_PORT (set by torchrun, or for SLURM jobs by
+    ``launch.jobs.distributed_env``); the backend is NCCL on CUDA, else gloo. Returns the device this
+    rank uses: ``cuda:<local rank>`` when ``device`` is CUDA, else ``device``.
+    """
+    rank_, world, local = launcher_ranks(launcher)
+    if world <= 1 or is_distributed():
+        return device
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"{world} {launcher} tasks but no {' or '.join(missing)} in the environment: "
+                           f"cannot form the process group")
+    if device.type == "cuda":
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    # env:// reads MASTER_ADDR/MASTER_PORT and, under torchrun, joins the store its agent already serves.
+    torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                  rank=rank_, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+def leave_group(wait: bool = True) -> None:
+    """Destroy the process group; with ``wait``, after a barrier, so no rank leaves while another still
+    needs it. After an error pass ``wait=False``: the other ranks may be inside another collective."""
+    if is_distributed():
+        if wait:
+            barrier()
+        torch_dist.destroy_process_group()

@@ -20,6 +20,7 @@ def open_eval_target(args: argparse.Namespace, overrides: list[str]):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Any protocol: split the positionals into key=value overrides and its inputs, run, record, print."""
+    from ssl_bench import dist
     from ssl_bench.run import evaluate
 
     protocol = args.protocol
@@ -30,7 +31,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target, device = open_eval_target(args, overrides)
     opts = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "protocol")})
     opts.inputs = inputs
-    protocol.show(evaluate.run_protocol(target, protocol, device, opts), opts)
+    device = dist.join_launched_group("torchrun", device)  # `torchrun --nproc-per-node N -m ssl_bench.cli eval`
+    try:
+        out = evaluate.run_protocol(target, protocol, device, opts)
+    except BaseException:
+        dist.leave_group(wait=False)
+        raise
+    if dist.rank() == 0:  # the other ranks helped compute it; rank 0 recorded it
+        protocol.show(out, opts)
+    dist.leave_group()
     return 0
 
 

@@ -108,8 +108,9 @@ def cmd_grid_launch(args: argparse.Namespace) -> int:
     profile = _validate(study, args)  # every run is checked before the first one starts or is submitted
     evals = _eval_kinds(args.eval)
     if profile is None:
-        if evals or args.dry_run or args.wait:
-            raise config_lib.ConfigError("--eval, --dry-run and --wait need --cluster slurm (or submitit-local/debug)")
+        if evals or args.dry_run or args.wait or args.eval_devices:
+            raise config_lib.ConfigError("--eval, --eval-devices, --dry-run and --wait need --cluster slurm "
+                                         "(or submitit-local/debug)")
         return _launch_local(study, args.force)
     return _launch_submitit(study, profile, args, evals)
 
@@ -131,6 +132,23 @@ def _eval_kinds(text: str | None) -> list[str]:
     return kinds
 
 
+def _eval_devices(choice: str | None, evals: list[str]) -> str:
+    """--eval-devices: as given, else the training job's devices when a chosen protocol shards its work."""
+    from ssl_bench.launch.slurm import EVAL_DEVICES, EVAL_ON_TRAIN_SHAPE
+
+    if choice is not None:
+        if choice not in EVAL_DEVICES:
+            raise config_lib.ConfigError(f"--eval-devices {choice!r}; valid: {', '.join(EVAL_DEVICES)}")
+        if not evals:
+            raise config_lib.ConfigError("--eval-devices needs --eval")
+        return choice
+    if not evals:
+        return "1"
+    from ssl_bench.eval.protocol import sharded_names
+
+    return EVAL_ON_TRAIN_SHAPE if set(evals) & set(sharded_names()) else "1"
+
+
 def _launch_local(study, force: bool) -> int:
     from ssl_bench.launch.local import launch_local
 
@@ -146,6 +164,7 @@ def _launch_local(study, force: bool) -> int:
 def _launch_submitit(study, profile, args: argparse.Namespace, evals: list[str]) -> int:
     from ssl_bench.launch import slurm
 
+    eval_devices = _eval_devices(args.eval_devices, evals)
     specs, skipped = slurm.select_runs(study, force=args.force)
     for run_id, why in skipped.items():
         print(f"[ssl-bench] {run_id}: not submitted ({why})")
@@ -155,9 +174,10 @@ def _launch_submitit(study, profile, args: argparse.Namespace, evals: list[str])
     if args.dry_run:
         print(f"study {study.name!r}: would submit {len(specs)} of {len(study.runs)} runs "
               f"(profile {profile.name!r}, {profile.source or 'built-in'}); nothing submitted\n")
-        print(slurm.dry_run_text(study, specs, profile, evals))
+        print(slurm.dry_run_text(study, specs, profile, evals, eval_devices))
         return 0
-    sub = slurm.submit(study, specs, profile, _submitit_cluster(args.cluster), evals, force=args.force)
+    sub = slurm.submit(study, specs, profile, _submitit_cluster(args.cluster), evals, force=args.force,
+                       eval_devices=eval_devices)
     print(f"study {study.name!r}: submitted {len(sub.train_jobs)} run(s) as array(s) {', '.join(sub.arrays)} "
           f"in {sub.submit_s:.2f} s (code snapshot {sub.snapshot})")
     for run_id, job_id in sub.train_jobs.items():
@@ -228,6 +248,9 @@ def add_grid_parser(sub) -> None:
             p.add_argument("--dry-run", action="store_true", help="print the sbatch parameters per run; submit nothing")
             p.add_argument("--eval", help="evaluations chained after training as dependent jobs, e.g. knn,linear "
                                           "(any protocol of `ssl-bench eval` that takes no input files)")
+            p.add_argument("--eval-devices", help="devices of each eval job: 'train' (the training job's nodes x "
+                                                  "devices; k-NN and linear shard their features over them) or "
+                                                  "'1' (default: 'train' when --eval has knn or linear, else '1')")
             p.add_argument("--wait", action="store_true", help="wait for the runs, printing each state change")
             p.add_argument("--poll", type=float, default=10.0, help="seconds between status polls with --wait")
         p.set_defaults(func=func)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ssl_bench import dist
 from ssl_bench.backbones.checkpoints import weights_sha256 as checkpoint_sha256
@@ -53,6 +53,47 @@ def loader_like(loader: DataLoader, dataset: Dataset) -> DataLoader:
     """The same loader settings (collate function included) over another dataset (a rank's shard)."""
     return DataLoader(dataset, batch_size=loader.batch_size, shuffle=False, drop_last=False,
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+
+
+class RankSlices(Sampler):
+    """This rank's contiguous slice of every batch of ``batches`` (a batch sampler, the same on every rank).
+
+    Every rank draws the same global batches (the same seeded shuffle) and loads only its rows of each,
+    so the batches all-gathered back in rank order are the single process's batches, image for image.
+    A slice may be empty (a last batch smaller than the world).
+    """
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self):
+        for batch in self.batches:
+            start, stop = dist.shard_range(len(batch), self.rank, self.world)
+            yield list(batch)[start:stop]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _NoneWhenEmpty:
+    """A collate function that gives None for an empty slice instead of failing on it."""
+
+    def __init__(self, collate: Callable) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list) -> Any:
+        return self.collate(samples) if samples else None
+
+
+def rank_loader(loader: DataLoader) -> DataLoader:
+    """``loader`` itself in one process; under DDP the same settings loading this rank's slice of each
+    batch (an empty slice is None)."""
+    world = dist.world_size()
+    if world == 1:
+        return loader
+    return DataLoader(loader.dataset, batch_sampler=RankSlices(loader.batch_sampler, dist.rank(), world),
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      collate_fn=_NoneWhenEmpty(loader.collate_fn))
 
 
 def weights_sha256(module: nn.Module) -> str:

@@ -100,6 +100,6 @@ def _show(out: Outcome, opts: SimpleNamespace) -> None:
           f"record: {out.record}")
 
 
-register(Protocol("knn", "weighted k-NN (DINO protocol)", _run, _show, section="eval",
+register(Protocol("knn", "weighted k-NN (DINO protocol)", _run, _show, section="eval", sharded=True,
                   arguments=(arg("--no-cache", action="store_true",
                                  help="neither read nor write the feature cache"),)))

@@ -14,16 +14,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ssl_bench import dist
 from ssl_bench.config import Config
 from ssl_bench.data import (build_dataset, dataset_info, eval_transform, linear_train_transform, num_classes,
                             seeded_subset)
 from ssl_bench.data.tensor_eval import eval_pipeline
+from ssl_bench.eval.features import rank_loader
 from ssl_bench.eval.finite import FiniteTally, check_finite
 from ssl_bench.eval.linear_heads import (SELECTION_RULE, Batches, FeatureChoice, HeadSpec, Progress, feature_choices,
                                          head_grid, probe_heads, steps_per_epoch)
@@ -112,30 +114,54 @@ def probe_test_set(cfg: Config) -> Dataset:
     return seeded_subset(test, cfg.linear.test_subset, cfg.seed)
 
 
-def backbone_batches(backbone: nn.Module, loader: Iterable, choices: Sequence[FeatureChoice],
+def frozen_batches(backbone: nn.Module, loader: DataLoader, n_last_blocks: int,
+                   device: str | torch.device) -> Iterator[tuple[FrozenFeatures, Tensor]]:
+    """(frozen features, labels) of every batch of ``loader``, on ``device``.
+
+    Under DDP each rank loads and forwards its slice of every batch (``rank_loader``) and the slices
+    are all-gathered in rank order (one collective per batch), so every rank gets the single process's
+    batches. Every rank must iterate to the end.
+    """
+    if dist.world_size() == 1:
+        for images, labels in loader:
+            yield frozen_features(backbone, images.to(device, non_blocking=True), n_last_blocks), labels.to(device)
+        return
+    n, dim = (n_last_blocks if backbone.is_vit else 1), backbone.embed_dim
+    for batch in rank_loader(loader):
+        if batch is None:  # an empty slice (a last batch smaller than the world): rows of the right width
+            packed = torch.zeros(0, n * dim + (dim if backbone.is_vit else 0) + 1, device=device)
+        else:
+            feats = frozen_features(backbone, batch[0].to(device, non_blocking=True), n_last_blocks)
+            parts = [feats.cls_blocks.flatten(1), *([] if feats.mean_patch is None else [feats.mean_patch])]
+            packed = torch.cat([*parts, torch.as_tensor(batch[1]).to(device).float().unsqueeze(1)], dim=1)
+        whole = dist.all_gather_cat(packed)  # labels ride along as floats: exact below 2^24 classes
+        mean = whole[:, n * dim:-1] if backbone.is_vit else None
+        yield FrozenFeatures(whole[:, :n * dim].reshape(-1, n, dim), mean), whole[:, -1].long()
+
+
+def backbone_batches(backbone: nn.Module, loader: DataLoader, choices: Sequence[FeatureChoice],
                      device: str | torch.device, what: str = "linear-probe features") -> Batches:
-    """One frozen forward pass per image batch, every feature choice built from it.
+    """One frozen forward pass per image batch (sharded over DDP ranks), every feature choice built from it.
 
     Non-finite features are counted on the device batch by batch and raise (``NonFiniteFeaturesError``,
     one host sync) when the pass ends, before its consumer reports an epoch or an accuracy.
     """
     n_max, tally = max(c.n_last_blocks for c in choices), FiniteTally(what)
-    for images, labels in loader:
-        feats = frozen_features(backbone, images.to(device, non_blocking=True), n_max)
+    for feats, labels in frozen_batches(backbone, loader, n_max, device):
         tally.add(feats.cls_blocks, feats.mean_patch)
-        yield linear_inputs(feats, choices), labels.to(device)
+        yield linear_inputs(feats, choices), labels
     tally.check()
 
 
-def extract_all(backbone: nn.Module, loader: Iterable, choices: Sequence[FeatureChoice],
+def extract_all(backbone: nn.Module, loader: DataLoader, choices: Sequence[FeatureChoice],
                 device: str | torch.device) -> tuple[FrozenFeatures, Tensor]:
-    """Fast mode: the frozen features of every image once, kept on the CPU."""
+    """Fast mode: the frozen features of every image once (sharded over DDP ranks), kept on the CPU."""
     n_max, parts, labels = max(c.n_last_blocks for c in choices), [], []
-    for images, targets in loader:
-        parts.append(frozen_features(backbone, images.to(device, non_blocking=True), n_max))
-        labels.append(torch.as_tensor(targets))
-    cls = torch.cat([p.cls_blocks.cpu() for p in parts])
-    mean = None if parts[0].mean_patch is None else torch.cat([p.mean_patch.cpu() for p in parts])
+    for feats, targets in frozen_batches(backbone, loader, n_max, device):
+        parts.append(FrozenFeatures(feats.cls_blocks.cpu(), None if feats.mean_patch is None else feats.mean_patch.cpu()))
+        labels.append(targets.cpu())
+    cls = torch.cat([p.cls_blocks for p in parts])
+    mean = None if parts[0].mean_patch is None else torch.cat([p.mean_patch for p in parts])
     check_finite((cls, mean), "linear-probe train features")
     return FrozenFeatures(cls, mean), torch.cat(labels)
 
@@ -167,7 +193,8 @@ def linear_probe(backbone: nn.Module, cfg: Config, device: str | torch.device = 
     """The whole protocol on ``cfg.data``: grid of heads, held-out selection, then the test split.
 
     ``backbone`` is a ``Backbone``; it is frozen (eval mode, no grad) and its mode restored after.
-    Single process: under DDP call it on one rank.
+    Under DDP every rank must call it: each extracts its slice of every batch, the slices are
+    all-gathered, and every rank trains the same heads on the same features.
     """
     was_training = backbone.training
     backbone.eval()
@@ -247,7 +274,7 @@ def linear_protocol(cfg: Config, specs: Sequence[HeadSpec], choices: Sequence[Fe
         "eval_transform": f"resize {cfg.data.eval_resize} (bicubic) + centre crop {crop}",
         "image_size": crop, "features": features, "dataset": cfg.data.name, "val_fraction": lin.val_fraction,
         **sizes, "train_subset": lin.train_subset, "test_subset": lin.test_subset, "seed": cfg.seed,
-        "selection": SELECTION_RULE, "ranks": 1,
+        "selection": SELECTION_RULE, "ranks": dist.world_size(),
     }
 
 
@@ -271,5 +298,5 @@ def _show(out: Outcome, opts: SimpleNamespace) -> None:
 
 
 register(Protocol("linear", "linear-probe grid, head chosen on a held-out train split", _run, _show,
-                  section="linear", arguments=(arg("--show", type=int, default=10,
+                  section="linear", sharded=True, arguments=(arg("--show", type=int, default=10,
                                                    help="grid rows to print (best validation first)"),)))

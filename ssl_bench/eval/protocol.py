@@ -91,7 +91,9 @@ class Protocol:
     ``run(ctx, opts) -> Outcome`` and ``show(outcome, opts)`` receive the parsed ``arguments`` as
     ``opts`` (their defaults in chained jobs). ``section`` is the Config attribute holding its
     settings (None: it has none). ``inputs`` names the positional non-``key=value`` inputs it takes
-    (``opts.inputs``); a protocol with inputs cannot be chained after training.
+    (``opts.inputs``); a protocol with inputs cannot be chained after training. ``sharded``: it
+    splits its work over the ranks of a multi-task job (every rank must run it); any other protocol
+    runs on rank 0 of such a job.
     """
 
     name: str
@@ -101,6 +103,7 @@ class Protocol:
     section: Optional[str] = None
     arguments: tuple[Argument, ...] = ()
     inputs: str = ""
+    sharded: bool = False
 
     @property
     def chained(self) -> bool:
@@ -143,6 +146,11 @@ def protocols() -> Registry[Protocol]:
 def chained_names() -> list[str]:
     """Protocols that ``grid launch --eval`` can chain after training."""
     return [e.name for e in protocols() if e.factory.chained]
+
+
+def sharded_names() -> list[str]:
+    """Protocols that split their work over the ranks of a multi-task job."""
+    return [e.name for e in protocols() if e.factory.sharded]
 
 
 def check_eval_size(ctx: EvalContext) -> None:

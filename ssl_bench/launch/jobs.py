@@ -97,7 +97,9 @@ class EvalJob:
     """Evaluations chained after training (``--eval knn,linear``): each run that completed is evaluated.
 
     ``kinds`` are names of the evaluation registry (``ssl_bench.eval.protocol``), read lazily in the
-    job through ``run.evaluate``: launch/ does not import eval/.
+    job through ``run.evaluate``: launch/ does not import eval/. A job of several tasks forms one
+    process group (rendezvous from the SLURM allocation, NCCL on GPUs, gloo on CPUs): k-NN and the
+    linear probe shard their feature extraction over its ranks, other protocols run on rank 0.
     """
 
     def __init__(self, run_dir: str, kinds: list[str], device: str = "auto") -> None:
@@ -108,10 +110,8 @@ class EvalJob:
         from ssl_bench.run import evaluate
 
         result = tracking.read_result(Path(self.run_dir)) or {}
-        if result.get("status") != tracking.STATUS_COMPLETED:
+        if result.get("status") != tracking.STATUS_COMPLETED:  # every task reads it before any joins the group
             return {"run_dir": self.run_dir, "skipped": f"training status is {result.get('status', 'missing')!r}"}
-        device = evaluate.device_of(self.device)
-        done = {}
-        for kind in self.kinds:  # registered protocol names, checked by ``grid launch`` before submitting
-            done[kind] = evaluate.evaluate(evaluate.open_target(self.run_dir), kind, device).record
-        return {"run_dir": self.run_dir, "evals": done}
+        os.environ.update(distributed_env(dict(os.environ)))
+        done, ranks = evaluate.evaluate_launched(self.run_dir, self.kinds, self.device, "slurm")
+        return {"run_dir": self.run_dir, "evals": done, "ranks": ranks}

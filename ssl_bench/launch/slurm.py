@@ -33,6 +33,8 @@ from ssl_bench.launch.submissions import SLURM_DIR, append_submission, study_roo
 
 SNAPSHOT_FILE = repro.SNAPSHOT_FILE  # next to the copied package: the git state it was copied from
 CLUSTERS = ("slurm", "local", "debug")  # submitit executors; "local"/"debug" test the same path without SLURM
+EVAL_ON_TRAIN_SHAPE = "train"
+EVAL_DEVICES = (EVAL_ON_TRAIN_SHAPE, "1")  # grid launch --eval-devices (its default: "train" for sharded protocols)
 # The evaluations chained by --eval are the registry's chained protocols (ssl_bench.eval.protocol.chained_names);
 # cli/grid.py checks the names, since launch/ may not import eval/, and the job runs them through run/evaluate.py.
 
@@ -165,13 +167,27 @@ def select_runs(study: Study, force: bool = False) -> tuple[list[RunSpec], dict[
     return chosen, skipped
 
 
+def eval_shape(spec: RunSpec, eval_devices: str) -> JobShape:
+    """The shape of a run's evaluation job: ``"train"``, the training job's nodes x devices; ``"1"``, one device."""
+    train_shape = job_shape(spec.config)
+    if eval_devices == EVAL_ON_TRAIN_SHAPE:
+        return train_shape
+    return JobShape(1, 1, 1 if train_shape.gpus_per_node else 0)
+
+
 def submit(study: Study, specs: list[RunSpec], profile: Profile, cluster: str = "slurm",
-           evals: list[str] = (), executor_factory: Any = None, force: bool = False) -> Submission:
-    """Snapshot the code and submit ``specs`` as one job array per job shape (one, normally)."""
+           evals: list[str] = (), executor_factory: Any = None, force: bool = False,
+           eval_devices: str = "1") -> Submission:
+    """Snapshot the code and submit ``specs`` as one job array per job shape (one, normally).
+
+    ``evals`` follow as one array per evaluation-job shape (``eval_devices``, see :func:`eval_shape`).
+    """
     import submitit
 
     if cluster not in CLUSTERS:
         raise config_lib.ConfigError(f"--cluster {cluster!r}; valid: {', '.join(CLUSTERS)}")
+    if eval_devices not in EVAL_DEVICES:
+        raise config_lib.ConfigError(f"--eval-devices {eval_devices!r}; valid: {', '.join(EVAL_DEVICES)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     base = study_root(study).resolve() / SLURM_DIR / stamp
     snapshot_code(base / "code")
@@ -191,29 +207,34 @@ def submit(study: Study, specs: list[RunSpec], profile: Profile, cluster: str = 
         sub.arrays.append(str(jobs[0].job_id).split("_")[0])
     sub.submit_s = round(time.time() - started, 3)
     if evals:
-        _submit_evals(study, specs, profile, cluster, evals, base, sub, factory)
+        _submit_evals(study, specs, profile, cluster, evals, base, sub, factory, eval_devices)
     append_submission(study, sub.record())
     return sub
 
 
 def _submit_evals(study: Study, specs: list[RunSpec], profile: Profile, cluster: str, evals: list[str],
-                  base: Path, sub: Submission, factory: Any) -> None:
-    """One eval array that starts after every training array has ended (afterany: a failed run is skipped)."""
-    executor = factory(base / "submitit")
-    shape = JobShape(1, 1, 1 if profile.gpus_per_node else 0)
-    executor.update_parameters(**executor_parameters(profile, shape, f"{study.name}-eval", cluster))
-    if cluster == "slurm":
-        executor.update_parameters(slurm_setup=_setup_lines(profile, base / "code"),
-                                   slurm_additional_parameters={**profile.sbatch, "dependency": "afterany:" +
-                                                                ":".join(sub.arrays)})
-    device = "cuda" if profile.gpus_per_node else "cpu"
-    with executor.batch():
-        jobs = [executor.submit(EvalJob(str(Path(spec.run_dir).resolve()), evals, device)) for spec in specs]
-    sub.jobs.extend(jobs)
-    sub.eval_jobs.update({spec.run_id: str(job.job_id) for spec, job in zip(specs, jobs)})
+                  base: Path, sub: Submission, factory: Any, eval_devices: str) -> None:
+    """Eval arrays (one per job shape) that start after every training array has ended (afterany: a
+    failed run is skipped by its eval job)."""
+    groups: dict[JobShape, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(eval_shape(spec, eval_devices), []).append(spec)
+    for shape, group in groups.items():
+        executor = factory(base / "submitit")
+        executor.update_parameters(**executor_parameters(profile, shape, f"{study.name}-eval", cluster))
+        if cluster == "slurm":
+            executor.update_parameters(slurm_setup=_setup_lines(profile, base / "code"),
+                                       slurm_additional_parameters={**profile.sbatch, "dependency": "afterany:" +
+                                                                    ":".join(sub.arrays)})
+        device = "cuda" if shape.gpus_per_node else "cpu"
+        with executor.batch():
+            jobs = [executor.submit(EvalJob(str(Path(spec.run_dir).resolve()), evals, device)) for spec in group]
+        sub.jobs.extend(jobs)
+        sub.eval_jobs.update({spec.run_id: str(job.job_id) for spec, job in zip(group, jobs)})
 
 
-def dry_run_text(study: Study, specs: list[RunSpec], profile: Profile, evals: list[str] = ()) -> str:
+def dry_run_text(study: Study, specs: list[RunSpec], profile: Profile, evals: list[str] = (),
+                 eval_devices: str = "1") -> str:
     """The sbatch header of each array that would be submitted, and the runs in it."""
     lines = []
     for shape, group in group_by_shape(specs).items():
@@ -231,8 +252,15 @@ def dry_run_text(study: Study, specs: list[RunSpec], profile: Profile, evals: li
             lines.append(f"#   [{index}] {spec.run_id}  {axes}, seed={spec.seed}  -> {spec.run_dir}")
         lines.append("")
     if evals:
-        lines.append(f"# then one eval array ({', '.join(evals)}) of {len(specs)} job(s), "
-                     f"--dependency=afterany:<training arrays>")
+        shapes: dict[JobShape, int] = {}
+        for spec in specs:
+            shape = eval_shape(spec, eval_devices)
+            shapes[shape] = shapes.get(shape, 0) + 1
+        for shape, count in shapes.items():
+            lines.append(f"# then an eval array ({', '.join(evals)}) of {count} job(s), {shape.nodes} node(s) x "
+                         f"{shape.tasks_per_node} task(s) per node"
+                         + (f", {shape.gpus_per_node} GPU(s) per node" if shape.gpus_per_node else "")
+                         + ", --dependency=afterany:<training arrays>")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ssl_bench import config as config_lib
-from ssl_bench import repro, tracking
+from ssl_bench import dist, repro, tracking
 from ssl_bench.backbones import Backbone
 from ssl_bench.backbones.checkpoints import CheckpointInfo
 from ssl_bench.eval.features import FeatureCache
@@ -174,18 +174,55 @@ def timed(start: float) -> dict[str, float]:
     return {"wall_s": round(time.time() - start, 2), "peak_rss_mb": round(repro.peak_rss_mb(), 1)}
 
 
-def evaluate(target: Target, name: str, device: torch.device, **options: Any) -> Outcome:
+def evaluate(target: Target, name: str, device: torch.device, **options: Any) -> Outcome | None:
     """Run the registered protocol ``name`` on ``target`` and record it; ``options`` replace its argument defaults."""
     protocol = protocols().get(name)
     return run_protocol(target, protocol, device, protocol.defaults(**options))
 
 
-def run_protocol(target: Target, protocol: Protocol, device: torch.device, opts: SimpleNamespace) -> Outcome:
-    """The backbone on ``device``, the protocol's run, then its record (``Outcome.record`` is its path)."""
+def evaluate_launched(target: str, kinds: list[str], device: str | None, launcher: str
+                      ) -> tuple[dict[str, Path | None], int]:
+    """Every protocol of ``kinds`` on ``target`` in the process group of the tasks ``launcher`` started.
+
+    Returns (kind -> record path, None on ranks other than 0; the number of ranks).
+    """
+    rank_device = dist.join_launched_group(launcher, device_of(device))
+    try:
+        done = {}
+        for kind in kinds:  # a fresh target each: a protocol may move or change the backbone
+            out = evaluate(open_target(target), kind, rank_device)
+            done[kind] = out.record if out is not None else None
+        ranks = dist.world_size()
+    except BaseException:
+        dist.leave_group(wait=False)
+        raise
+    dist.leave_group()
+    return done, ranks
+
+
+def run_protocol(target: Target, protocol: Protocol, device: torch.device, opts: SimpleNamespace) -> Outcome | None:
+    """The backbone on ``device``, the protocol's run, then its record (``Outcome.record`` is its path).
+
+    Under DDP every rank calls this. A sharded protocol (k-NN, linear) runs on every rank; any other
+    runs on rank 0 alone while the rest wait (they return None). Rank 0 alone writes the record.
+    """
     start = time.time()
+    if dist.world_size() > 1 and not protocol.sharded:
+        out = None
+        if dist.rank() == 0:
+            out = _run_and_record(target, protocol, device, opts, start)
+        dist.barrier()
+        return out
+    return _run_and_record(target, protocol, device, opts, start)
+
+
+def _run_and_record(target: Target, protocol: Protocol, device: torch.device, opts: SimpleNamespace,
+                    start: float) -> Outcome:
     target.backbone.to(device)
     out = protocol.run(context(target, device), opts)
-    out.record = record(target, protocol.name, out.metrics, out.protocol, {**out.timing, **timed(start)}, out.extra)
+    if dist.rank() == 0:
+        out.record = record(target, protocol.name, out.metrics, out.protocol, {**out.timing, **timed(start)},
+                            out.extra)
     return out
 
 

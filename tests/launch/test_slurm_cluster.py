@@ -118,6 +118,38 @@ def test_two_node_accumulated_arm_equals_the_large_batch_arm(slurm_cluster, tmp_
     _assert_states(states[2], states[1], close=True)
 
 
+def test_chained_knn_and_linear_shard_over_the_two_nodes_of_the_training_job(slurm_cluster, tmp_path, tiny_tree):
+    """--eval knn,linear after a 2-node run: each eval job has the training job's 2 tasks (one gloo group),
+    its records say 2 ranks, and the numbers are those of a one-process evaluation of the same checkpoint."""
+    from ssl_bench.run import evaluate
+
+    study_file = write_study(tmp_path, tiny_tree, "evalranks", {"method.name": ["dino"]},
+                             trainer={"num_nodes": 2, "max_steps": 2},
+                             eval={**tiny_tree["eval"], "knn_init": False, "test_subset": 17},
+                             linear={"epochs": 1, "lrs": [0.01, 0.1], "augment": False, "batch_size": 16,
+                                     "test_subset": 17})
+    dry = cli(slurm_cluster, "grid", "launch", str(study_file), "--cluster", "slurm", "--profile", PROFILE,
+              "--eval", "knn,linear", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0 and "eval array (knn, linear) of 1 job(s), 2 node(s) x 1 task(s)" in dry.stdout, \
+        dry.stdout[-2000:] + dry.stderr[-2000:]
+    out = cli(slurm_cluster, "grid", "launch", str(study_file), "--cluster", "slurm", "--profile", PROFILE,
+              "--eval", "knn,linear", "--wait", "--poll", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (spec,) = load_study(study_file).runs
+    found = {}
+    for kind in ("knn", "linear"):
+        (path,) = wait_for(lambda: list((spec.run_dir / "evals").glob(f"{kind}-*.json")), timeout=240,
+                           what=f"the chained {kind} evaluation")
+        found[kind] = json.loads(path.read_text())
+        assert found[kind]["protocol"]["ranks"] == 2, found[kind]["protocol"]
+    cpu = torch.device("cpu")
+    knn = evaluate.evaluate(evaluate.open_target(str(spec.run_dir)), "knn", cpu, no_cache=True)
+    probe = evaluate.evaluate(evaluate.open_target(str(spec.run_dir)), "linear", cpu)
+    assert knn.protocol["ranks"] == probe.protocol["ranks"] == 1
+    assert found["knn"]["metrics"] == pytest.approx(knn.metrics, abs=1e-9)
+    assert found["linear"]["metrics"] == pytest.approx(probe.metrics, abs=1e-9)
+
+
 def test_requeued_run_resumes_to_the_weights_of_an_uninterrupted_run(slurm_cluster, tmp_path, tiny_tree):
     study_file = write_study(tmp_path, tiny_tree, "requeue", {"method.name": ["dino"]},
                              optim={"epochs": 40}, trainer={"max_steps": 120, "num_threads": 1},

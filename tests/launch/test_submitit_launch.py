@@ -81,6 +81,30 @@ def test_dry_run_prints_sbatch_per_run_and_submits_nothing(tmp_path, tiny_tree):
     assert not (tmp_path / "runs" / "s" / submissions.SLURM_DIR).exists()
 
 
+def test_eval_devices_choose_the_shape_of_each_eval_job(tmp_path, tiny_tree):
+    """knn/linear shard over the training job's nodes x tasks; collapse (not sharded) keeps one task;
+    --eval-devices overrides both ways. All of it in the dry run, and bad choices fail before submitting."""
+    study_file = write_study(tmp_path, tiny_tree, {"method.name": ["dino"]}, trainer={"num_nodes": 2})
+    profile = str(REPO / "slurm" / "profiles" / "local-test.yaml")
+    launch = ("grid", "launch", str(study_file), "--cluster", "slurm", "--profile", profile, "--dry-run")
+    cases = {("--eval", "knn,collapse"): "2 node(s) x 1 task(s)",
+             ("--eval", "collapse"): "1 node(s) x 1 task(s)",
+             ("--eval", "knn", "--eval-devices", "1"): "1 node(s) x 1 task(s)",
+             ("--eval", "collapse", "--eval-devices", "train"): "2 node(s) x 1 task(s)"}
+    for extra, shape in cases.items():
+        out = cli(*launch, *extra, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        (line,) = [ln for ln in out.stdout.splitlines() if "eval array" in ln]
+        assert f"of 1 job(s), {shape} per node" in line, (extra, line)
+    bad = cli(*launch, "--eval", "knn", "--eval-devices", "4", cwd=tmp_path)
+    assert bad.returncode == 2 and "--eval-devices '4'; valid: train, 1" in bad.stderr
+    alone = cli(*launch, "--eval-devices", "train", cwd=tmp_path)
+    assert alone.returncode == 2 and "--eval-devices needs --eval" in alone.stderr
+    local = cli("grid", "launch", str(study_file), "--eval-devices", "1", cwd=tmp_path)
+    assert local.returncode == 2 and "need --cluster slurm" in local.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_profile_and_eval_fail_before_submitting(tmp_path, tiny_tree):
     study_file = write_study(tmp_path, tiny_tree, {"method.name": ["dino"]}, trainer={"num_nodes": 3})
     profile = str(REPO / "slurm" / "profiles" / "local-test.yaml")
