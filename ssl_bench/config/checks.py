@@ -46,6 +46,14 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"backbone.sync_batchnorm=true with trainer.accelerator=cpu and {world} processes: torch's "
                         "SyncBatchNorm runs on CUDA GPUs only; use trainer.accelerator=gpu, or "
                         "backbone.sync_batchnorm=false (statistics per process)")
+    if cfg.trainer.strategy == "fsdp":  # the sharded nets (methods/sharding.py) and what they do not support
+        if cfg.backbone.sync_batchnorm:
+            problems.append("backbone.sync_batchnorm=true with trainer.strategy=fsdp: Lightning converts BatchNorm "
+                            "under DDP only; use trainer.strategy=ddp, or backbone.sync_batchnorm=false")
+        if cfg.trainer.precision in ("16-mixed", "16", "16-true"):
+            problems.append(f"trainer.precision={cfg.trainer.precision} with trainer.strategy=fsdp: fp16 loss "
+                            "scaling of sharded gradients is not supported; use bf16-mixed or 32-true, or "
+                            "trainer.strategy=ddp")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
         problems.append(f"eval.knn_report_k={cfg.eval.knn_report_k} must be one of eval.knn_k={cfg.eval.knn_k}")
     if d.augment_on == "device" and d.multicrop != "tensor":

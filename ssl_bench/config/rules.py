@@ -108,6 +108,7 @@ BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 # Lightning precision strings this harness runs (train.precision_settings); short aliases included.
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "32", "64", "16", "bf16")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+STRATEGIES = ("ddp", "fsdp")  # trainer.strategy: DDP, or FSDP2 (fully_shard) with DINOv2's SHARD_GRAD_OP
 WANDB_MODES = ("off", "offline", "online")
 LR_SCALING_RULES = ("linear_256", "sqrt_1024")
 OPTIMIZERS = ("adamw", "sgd")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ssl_bench.config.rules import (ACCELERATORS, BOOLEAN, COUNT, CROP_SCALE, LR_SCALING_RULES, NON_NEGATIVE,
-                                    OPTIMIZERS, OPTIONAL_COUNT, POS_EMBED_INTERPOLATIONS, POSITIVE, PRECISIONS,
+                                    OPTIMIZERS, OPTIONAL_COUNT, POS_EMBED_INTERPOLATIONS, POSITIVE, PRECISIONS, STRATEGIES,
                                     PROBABILITY, TEACHER_TEMP_SCHEDULES, UNLESS_DEFAULT, WANDB_MODES, Rule, checked,
                                     each, one_of, optional, pair, section, within)
 
@@ -186,6 +186,8 @@ class TrainerConfig:
     devices: int = checked(1, COUNT)
     num_nodes: int = checked(1, COUNT)
     precision: str = checked("32-true", one_of(*PRECISIONS))
+    # ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state sharded over the ranks
+    strategy: str = checked("ddp", one_of(*STRATEGIES), hashed=UNLESS_DEFAULT)
     max_steps: int = checked(-1, Rule("-1 (all epochs) or >= 1", lambda v: v == -1 or COUNT.test(v)))
     # torch intra-op threads; None keeps torch's
     num_threads: Optional[int] = checked(None, OPTIONAL_COUNT, hashed=False)

@@ -20,6 +20,7 @@ from ssl_bench import schedules
 from ssl_bench.backbones import Backbone, Features, build_backbone
 from ssl_bench.config import Config, rank_batch_size, run_id
 from ssl_bench.heads import DINOHead
+from ssl_bench.methods import sharding
 from ssl_bench.methods.finite import FiniteWatch
 from ssl_bench.methods.parts import NUM_GLOBAL_CROPS
 from ssl_bench.registry import Registry
@@ -149,7 +150,8 @@ def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> Optional[
     if max_norm > 0:
         scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, list(scales.unbind()))
-    return norms.norm()
+    total = norms.norm()
+    return total.to_local() if hasattr(total, "to_local") else total  # FSDP: a replicated DTensor
 
 
 def unscale_gradients(trainer: "L.Trainer", optimizer: torch.optim.Optimizer) -> bool:
@@ -218,6 +220,13 @@ class SSLMethod(L.LightningModule):
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
+    def configure_model(self) -> None:
+        """trainer.strategy=fsdp: shard student and teacher over the data-parallel mesh (methods/sharding.py)."""
+        if self.cfg.trainer.strategy == sharding.FSDP and not sharding.is_sharded(self.student):
+            mesh = self.device_mesh["data_parallel"]
+            sharding.shard_net(self.student, mesh, reshard_after_forward=False)  # SHARD_GRAD_OP
+            sharding.shard_net(self.teacher, mesh, reshard_after_forward=True)  # no backward to keep them for
+
     # ----- checkpoints: what Lightning's own state lacks for an exact resume -------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the run id and every rank's RNG states (drop path draws from torch's global generator)."""
@@ -270,7 +279,8 @@ class SSLMethod(L.LightningModule):
         depth = len(backbone.blocks) if hasattr(backbone, "blocks") else 0
         groups = param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult, depth)
         # speed.fused_optimizer: one fused kernel over all tensors (CPU and CUDA) instead of one op each
-        fused = {"fused": True} if self.cfg.speed.fused_optimizer else {}
+        fused = {"fused": True} if self.cfg.speed.fused_optimizer and not (  # DTensor has no fused SGD kernel
+            o.optimizer == "sgd" and sharding.is_sharded(self.student)) else {}
         if o.optimizer == "sgd":  # DINO's ResNet-50 recipe: SGD with momentum 0.9
             return torch.optim.SGD(groups, lr=0.0, momentum=0.9, **fused)
         return torch.optim.AdamW(groups, lr=0.0, **fused)
@@ -306,7 +316,8 @@ class SSLMethod(L.LightningModule):
         model = self._trainer.strategy.model if self._trainer is not None else None
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return model.no_sync()
-        return contextlib.nullcontext()
+        return sharding.gradient_sync_paused(self.student) if sharding.is_sharded(self.student) else \
+            contextlib.nullcontext()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscaled gradients first, then DINO's per-parameter clip and the last-layer freeze (habit 12)."""
@@ -333,8 +344,13 @@ class SSLMethod(L.LightningModule):
                                                       [s.detach() for s in student_logits], teacher_cls.detach())
 
     def eval_backbone(self) -> Backbone:
-        """The network evaluated by k-NN: the teacher backbone, as in DINO."""
-        return self.teacher.backbone
+        """The network evaluated by k-NN: the teacher backbone, as in DINO; under FSDP a whole copy of it
+        on every rank (gathered: every rank must call this), since ranks forward different numbers of batches."""
+        if not sharding.is_sharded(self.teacher):
+            return self.teacher.backbone
+        whole = build_net(self.cfg, 0.0, mask_token=self.uses_masks).backbone
+        whole.load_state_dict(sharding.full_state(self.teacher.backbone))
+        return whole.to(self.device)
 
 
 def rng_states() -> dict[str, Any]:

@@ -83,7 +83,8 @@ class FiniteWatch:
     def observe_weights(self, step: int, modules: Iterable[torch.nn.Module]) -> None:
         """Record non-finite parameters after ``step`` updates (checked before a checkpoint is written);
         they are blamed on the last step, ``step - 1``."""
-        params = [p.detach() for m in modules for p in m.parameters()]
+        # Under FSDP each rank checks its shard (``to_local``); ``verdict`` combines the ranks.
+        params = [getattr(p, "to_local", p.detach)().detach() for m in modules for p in m.parameters()]
         if params:
             self._state(params[0].device)
             norms = torch.stack(torch._foreach_norm(params))

@@ -6,6 +6,7 @@ Every file name comes from ``tracking.layout``.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ssl_bench import tracking
+from ssl_bench.methods import sharding
 from ssl_bench.run.guard import NonFiniteGuard
 from ssl_bench.run.preemption import agreed_preemption, set_training_active
+
+SHARDED_META = "meta.pt"  # Lightning's ModelParallelStrategy: everything but the model and optimizer state
+SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index, written last by the coordinator
+CONSOLIDATED_SUFFIX = "-consolidated.ckpt"  # last.ckpt (sharded directory) -> last-consolidated.ckpt (one file)
+
 
 def save_checkpoint_atomically(trainer: L.Trainer, directory: Path) -> None:
     """Write ``last.ckpt`` via a temp file + ``os.replace``, keeping the one it replaces as ``previous.ckpt``.
@@ -25,10 +32,14 @@ def save_checkpoint_atomically(trainer: L.Trainer, directory: Path) -> None:
     Every rank calls this (Lightning gathers the state on all ranks and writes on rank 0). The
     old last.ckpt is hard-linked to previous.ckpt before the new one replaces it, so a crash at
     any point leaves a complete last.ckpt and, after the first save, a complete previous.ckpt.
+    Under FSDP (``trainer.strategy=fsdp``) every rank writes its shard into a checkpoint directory
+    (see :func:`save_sharded`).
     """
     directory = Path(directory)
     last, previous = directory / tracking.LAST_CHECKPOINT, directory / tracking.PREVIOUS_CHECKPOINT
     tmp = directory / f".{last.name}.tmp"
+    if is_sharding(trainer):
+        return save_sharded(trainer, tmp, last, previous)
     trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimizer, loops, callbacks
     if not trainer.is_global_zero:
         return
@@ -37,6 +48,34 @@ def save_checkpoint_atomically(trainer: L.Trainer, directory: Path) -> None:
         _keep_as(last, previous)
     os.replace(tmp, last)
     _fsync(directory)
+
+
+def is_sharding(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
+
+
+def save_sharded(trainer: L.Trainer, tmp: Path, last: Path, previous: Path) -> None:
+    """A sharded checkpoint: a directory of one ``torch.distributed.checkpoint`` file per rank (weights,
+    optimizer state) and Lightning's ``meta.pt`` (loops, callbacks, RNG states), written to ``tmp``
+    and then renamed: last -> previous, tmp -> last. A crash between the renames leaves previous.ckpt
+    whole, and resuming falls back to it. It resumes at the same world size only."""
+    if trainer.is_global_zero and tmp.exists():  # a save that a crash interrupted: never mix its shards in
+        shutil.rmtree(tmp)
+    for optimizer in trainer.optimizers:
+        sharding.complete_optimizer_state(optimizer)
+    trainer.strategy.barrier()
+    trainer.save_checkpoint(tmp, weights_only=False)  # every rank's shard; rank 0 adds meta.pt
+    if trainer.is_global_zero:
+        _fsync(tmp)
+        if last.exists():
+            if previous.exists():
+                shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+            os.replace(last, previous)
+        os.replace(tmp, last)
+        _fsync(last.parent)
+    trainer.strategy.barrier()
 
 
 def _keep_as(source: Path, target: Path) -> None:
@@ -157,11 +196,14 @@ def find_resume_checkpoint(directory: Path, run_id: str, log: Callable[[str], No
 
 def describe_checkpoint(path: Path, run_id: str, problems: list[str] = ()) -> ResumePoint:
     """Load ``path`` as this run's training checkpoint (raises if it is unreadable or another run's)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    sharded = Path(path).is_dir()  # trainer.strategy=fsdp: shards + meta.pt (save_sharded)
+    checkpoint = torch.load(Path(path) / SHARDED_META if sharded else path, map_location="cpu", weights_only=True)
     owner = checkpoint.get("ssl_bench", {}).get("run_id")
     if owner != run_id:
         raise ValueError(f"checkpoint of run {owner!r}, not {run_id!r}")
-    for key in ("state_dict", "optimizer_states", "loops"):
+    if sharded and not (Path(path) / SHARDED_INDEX).is_file():
+        raise FileNotFoundError(f"no {SHARDED_INDEX}: the sharded checkpoint was not completed")
+    for key in ("loops",) if sharded else ("state_dict", "optimizer_states", "loops"):
         if key not in checkpoint:
             raise KeyError(f"no {key!r}: not a full training checkpoint")
     loaders = checkpoint["loops"]["fit_loop"]["state_dict"].get("combined_loader") or [{}]
@@ -186,5 +228,57 @@ def load_run_backbone(path: str | Path, backbone: Any = None, key: str = "teache
         last = f"{tracking.CHECKPOINT_DIR}/{tracking.LAST_CHECKPOINT}"
         raise CheckpointError(f"{path} is a directory without {last}; expected an ssl-bench run directory. "
                               f"Supported: {supported_formats()}")
-    return load_backbone(files.checkpoint, backbone, key=key, strict=strict, num_heads=num_heads,
-                         weights_only=weights_only, log=log, fallback=files.fallback, run_config=files.config)
+    primary, fallback = files.checkpoint, files.fallback
+    if primary.is_dir() or (fallback is not None and fallback.is_dir()):  # sharded (trainer.strategy=fsdp)
+        primary, fallback = first_consolidated([p for p in (primary, fallback) if p is not None], log), None
+    return load_backbone(primary, backbone, key=key, strict=strict, num_heads=num_heads,
+                         weights_only=weights_only, log=log, fallback=fallback, run_config=files.config)
+
+
+def first_consolidated(paths: list[Path], log: Callable[[str], None] = print) -> Path:
+    """The first of ``paths`` (last.ckpt, previous.ckpt) that consolidates, as a file; each failure is logged."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    from ssl_bench.backbones.checkpoints import CheckpointError
+
+    problems = []
+    for i, path in enumerate(paths):
+        try:
+            return consolidated(path, log)
+        except (Exception, CheckpointException) as exc:  # a sharded checkpoint cut short: the next one
+            problems.append(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            then = f"falling back to {paths[i + 1]}" if i + 1 < len(paths) else "none left"
+            log(f"[ssl-bench] cannot consolidate the sharded checkpoint {problems[-1]}; {then}")
+    raise CheckpointError("cannot consolidate the sharded checkpoint(s): " + "; ".join(problems))
+
+
+def consolidated(path: str | Path, log: Callable[[str], None] = print) -> Path:
+    """A sharded checkpoint (directory) as one file next to it, ``<name>-consolidated.ckpt``; a file as is.
+
+    The file holds Lightning's metadata and the whole ``state_dict`` (no optimizer state), under the
+    keys of a DDP run's checkpoint, so every reader of ssl-bench checkpoints reads it. It is written
+    once per sharded checkpoint (again when the directory is newer), in one process, without a GPU.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    out = path.with_name(path.name.removesuffix(".ckpt") + CONSOLIDATED_SUFFIX)
+    meta = path / SHARDED_META
+    if out.is_file() and meta.is_file() and out.stat().st_mtime >= meta.stat().st_mtime:
+        return out
+    for part in (SHARDED_INDEX, SHARDED_META):  # written last: without them the save did not finish
+        if not (path / part).is_file():
+            raise FileNotFoundError(f"{path / part} is missing: the sharded checkpoint is incomplete")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        dcp_to_torch_save(path, tmp)
+        state = torch.load(tmp, map_location="cpu", weights_only=True)["state_dict"]
+        torch.save({**torch.load(meta, map_location="cpu", weights_only=True), "state_dict": state,
+                    "consolidated_from": str(path)}, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"[ssl-bench] consolidated the sharded checkpoint {path} into {out}")
+    return out

@@ -89,7 +89,7 @@ def _open_run(path: Path, run_dir: Path, parsed: dict[str, Any], key: str) -> Ta
     checkpoints = run_dir / tracking.CHECKPOINT_DIR
     if path.is_file():
         backbone, info = _load(path, cfg.backbone, key)
-    elif (checkpoints / tracking.LAST_CHECKPOINT).is_file() or (checkpoints / tracking.PREVIOUS_CHECKPOINT).is_file():
+    elif (checkpoints / tracking.LAST_CHECKPOINT).exists() or (checkpoints / tracking.PREVIOUS_CHECKPOINT).exists():
         backbone, info = _load(run_dir, cfg.backbone, key)  # an unreadable last.ckpt falls back to previous.ckpt
     else:
         raise config_lib.ConfigError(f"{run_dir}: no checkpoint at {checkpoints / tracking.LAST_CHECKPOINT} "

@@ -23,9 +23,9 @@ from ssl_bench import dist, repro, tracking
 from ssl_bench.data import SSLDataModule, dataset_info
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
-from ssl_bench.eval.features import FeatureCache, weights_sha256
+from ssl_bench.eval.features import FeatureCache, checkpoint_sha256, weights_sha256
 from ssl_bench.eval.knn_protocol import run_knn
-from ssl_bench.methods import build_method
+from ssl_bench.methods import build_method, sharding
 from ssl_bench.methods.finite import NonFiniteError
 from ssl_bench.run import speed
 from ssl_bench.run.callbacks import CollapseDiagnostics, Heartbeat, compute_saved, InitialKNN, OnlineKNN, ProgressLines
@@ -197,8 +197,8 @@ def _rank_weight_hashes(method: torch.nn.Module) -> dict[str, Any]:
     """Under DDP, every rank's teacher-weight hash (all equal when the ranks stayed in sync); {} in one process."""
     if not dist.is_distributed():
         return {}
-    hashes: list[Any] = [None] * dist.world_size()
-    torch.distributed.all_gather_object(hashes, weights_sha256(method.teacher))
+    hashes: list[Any] = [None] * dist.world_size()  # under FSDP of the gathered weights (rank shards differ)
+    torch.distributed.all_gather_object(hashes, checkpoint_sha256(sharding.full_state(method.teacher)))
     return {"world_size": dist.world_size(), "teacher_sha256": hashes}
 
 
@@ -244,7 +244,7 @@ def trainer_settings(cfg: config_lib.Config) -> dict[str, Any]:
     """The ``L.Trainer`` arguments every training loop shares (runs here, ``ssl-bench bench train``)."""
     t = cfg.trainer
     return {"accelerator": t.accelerator, "devices": t.devices, "num_nodes": t.num_nodes, **precision_settings(cfg),
-            "sync_batchnorm": cfg.backbone.sync_batchnorm,  # Lightning converts student and teacher before DDP
+            "sync_batchnorm": cfg.backbone.sync_batchnorm, "strategy": sharding.lightning_strategy(cfg),
             "max_epochs": cfg.optim.epochs, "enable_checkpointing": False, "enable_model_summary": False,
             "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
             "num_sanity_val_steps": 0}

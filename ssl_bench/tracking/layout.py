@@ -68,8 +68,8 @@ def checkpoint_files(path: str | Path) -> CheckpointFiles | None:
     path = Path(path)
     if path.is_dir():
         last, previous = path / CHECKPOINT_DIR / LAST_CHECKPOINT, path / CHECKPOINT_DIR / PREVIOUS_CHECKPOINT
-        if not last.is_file() and not previous.is_file():
+        if not last.exists() and not previous.exists():  # files, or directories of shards (trainer.strategy=fsdp)
             return None
-        return CheckpointFiles(last, previous if previous.is_file() else None, path / CONFIG_FILE)
+        return CheckpointFiles(last, previous if previous.exists() else None, path / CONFIG_FILE)
     config = path.parent.parent / CONFIG_FILE  # <run>/checkpoints/<file>
     return CheckpointFiles(path, None, config if config.is_file() else None)

@@ -22,7 +22,7 @@ OLD_UNHASHED_KEYS = ("study", "data.num_workers", "tracking", "speed", "trainer.
 OLD_HASHED_UNLESS_DEFAULT = {"method.teacher_temp_schedule": "per_step", "backbone.pos_embed_interpolation": "timm",
                              "data.multicrop": "pil", "backbone.stem_stride": 1,
                              "optim.accumulate_grad_batches": 1,
-                             "backbone.sync_batchnorm": False}
+                             "backbone.sync_batchnorm": False, "trainer.strategy": "ddp"}
 CHANGED = "<changed>"  # config_hash serialises any value, so a sentinel tests every field without a valid value
 
 

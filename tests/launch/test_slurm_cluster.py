@@ -150,6 +150,28 @@ def test_chained_knn_and_linear_shard_over_the_two_nodes_of_the_training_job(slu
     assert found["linear"]["metrics"] == pytest.approx(probe.metrics, abs=1e-9)
 
 
+def test_two_node_fsdp_run_saves_shards_and_its_chained_knn_reads_the_export(slurm_cluster, tmp_path, tiny_tree):
+    """trainer.strategy=fsdp on 2 nodes x 1 task (gloo): one checkpoint shard per node, the same gathered
+    teacher on both ranks, and the chained 2-task k-NN job reads the consolidated export to the run's number."""
+    study_file = write_study(tmp_path, tiny_tree, "fsdp", {"method.name": ["dino"]},
+                             trainer={"num_nodes": 2, "max_steps": 3, "strategy": "fsdp"},
+                             eval={**tiny_tree["eval"], "knn_init": False})
+    out = cli(slurm_cluster, "grid", "launch", str(study_file), "--cluster", "slurm", "--profile", PROFILE,
+              "--eval", "knn", "--wait", "--poll", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (spec,) = load_study(study_file).runs
+    result = json.loads((spec.run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["timing"]["train_steps"] == 3, result
+    assert result["ddp"]["world_size"] == 2 and len(set(result["ddp"]["teacher_sha256"])) == 1
+    shards = sorted(p.name for p in (spec.run_dir / "checkpoints" / "last.ckpt").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    (path,) = wait_for(lambda: list((spec.run_dir / "evals").glob("knn-*.json")), timeout=240,
+                       what="the chained k-NN evaluation")
+    record = json.loads(path.read_text())
+    assert record["protocol"]["ranks"] == 2 and record["checkpoint"]["path"].endswith("last-consolidated.ckpt")
+    assert record["metrics"]["knn_top1"] == pytest.approx(result["metrics"]["knn_top1"], abs=1e-9)
+
+
 def test_requeued_run_resumes_to_the_weights_of_an_uninterrupted_run(slurm_cluster, tmp_path, tiny_tree):
     study_file = write_study(tmp_path, tiny_tree, "requeue", {"method.name": ["dino"]},
                              optim={"epochs": 40}, trainer={"max_steps": 120, "num_threads": 1},
