@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -131,3 +133,16 @@ def leave_group(wait: bool = True) -> None:
         if wait:
             barrier()
         torch_dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def launched_group(launcher: str, device: torch.device) -> Iterator[torch.device]:
+    """``join_launched_group`` for the block (yields this rank's device), then ``leave_group``: after a
+    barrier when the block ended normally, at once when it raised."""
+    device = join_launched_group(launcher, device)
+    try:
+        yield device
+    except BaseException:
+        leave_group(wait=False)
+        raise
+    leave_group()

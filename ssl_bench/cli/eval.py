@@ -31,15 +31,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target, device = open_eval_target(args, overrides)
     opts = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "protocol")})
     opts.inputs = inputs
-    device = dist.join_launched_group("torchrun", device)  # `torchrun --nproc-per-node N -m ssl_bench.cli eval`
-    try:
+    with dist.launched_group("torchrun", device) as device:  # `torchrun --nproc-per-node N -m ssl_bench.cli eval`
         out = evaluate.run_protocol(target, protocol, device, opts)
-    except BaseException:
-        dist.leave_group(wait=False)
-        raise
-    if dist.rank() == 0:  # the other ranks helped compute it; rank 0 recorded it
-        protocol.show(out, opts)
-    dist.leave_group()
+        if dist.rank() == 0:  # the other ranks helped compute it; rank 0 recorded it
+            protocol.show(out, opts)
     return 0
 
 

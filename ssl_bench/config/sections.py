@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ssl_bench.config.rules import (ACCELERATORS, BOOLEAN, COUNT, CROP_SCALE, LR_SCALING_RULES, NON_NEGATIVE,
-                                    OPTIMIZERS, OPTIONAL_COUNT, POS_EMBED_INTERPOLATIONS, POSITIVE, PRECISIONS, STRATEGIES,
-                                    PROBABILITY, TEACHER_TEMP_SCHEDULES, UNLESS_DEFAULT, WANDB_MODES, Rule, checked,
-                                    each, one_of, optional, pair, section, within)
+                                    OPTIMIZERS, OPTIONAL_COUNT, POS_EMBED_INTERPOLATIONS, POSITIVE, PRECISIONS,
+                                    PROBABILITY, STRATEGIES, TEACHER_TEMP_SCHEDULES, UNLESS_DEFAULT, WANDB_MODES, Rule,
+                                    checked, each, one_of, optional, pair, section, within)
 
 
 @dataclass

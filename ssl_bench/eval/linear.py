@@ -158,7 +158,8 @@ def extract_all(backbone: nn.Module, loader: DataLoader, choices: Sequence[Featu
     """Fast mode: the frozen features of every image once (sharded over DDP ranks), kept on the CPU."""
     n_max, parts, labels = max(c.n_last_blocks for c in choices), [], []
     for feats, targets in frozen_batches(backbone, loader, n_max, device):
-        parts.append(FrozenFeatures(feats.cls_blocks.cpu(), None if feats.mean_patch is None else feats.mean_patch.cpu()))
+        mean = None if feats.mean_patch is None else feats.mean_patch.cpu()
+        parts.append(FrozenFeatures(feats.cls_blocks.cpu(), mean))
         labels.append(targets.cpu())
     cls = torch.cat([p.cls_blocks for p in parts])
     mean = None if parts[0].mean_patch is None else torch.cat([p.mean_patch for p in parts])

@@ -119,10 +119,12 @@ def job_config(spec: RunSpec, tags: bool = True) -> dict[str, Any]:
     return config_lib.to_dict(cfg)
 
 
-def group_by_shape(specs: list[RunSpec]) -> dict[JobShape, list[RunSpec]]:
+def group_by_shape(specs: list[RunSpec], shape_of: Optional[Callable[[RunSpec], JobShape]] = None
+                   ) -> dict[JobShape, list[RunSpec]]:
+    """Runs by the shape of their job: the training job's by default, or ``shape_of``'s (eval jobs)."""
     groups: dict[JobShape, list[RunSpec]] = {}
     for spec in specs:
-        groups.setdefault(job_shape(spec.config), []).append(spec)
+        groups.setdefault(shape_of(spec) if shape_of else job_shape(spec.config), []).append(spec)
     return groups
 
 
@@ -216,10 +218,7 @@ def _submit_evals(study: Study, specs: list[RunSpec], profile: Profile, cluster:
                   base: Path, sub: Submission, factory: Any, eval_devices: str) -> None:
     """Eval arrays (one per job shape) that start after every training array has ended (afterany: a
     failed run is skipped by its eval job)."""
-    groups: dict[JobShape, list[RunSpec]] = {}
-    for spec in specs:
-        groups.setdefault(eval_shape(spec, eval_devices), []).append(spec)
-    for shape, group in groups.items():
+    for shape, group in group_by_shape(specs, lambda spec: eval_shape(spec, eval_devices)).items():
         executor = factory(base / "submitit")
         executor.update_parameters(**executor_parameters(profile, shape, f"{study.name}-eval", cluster))
         if cluster == "slurm":
@@ -252,12 +251,8 @@ def dry_run_text(study: Study, specs: list[RunSpec], profile: Profile, evals: li
             lines.append(f"#   [{index}] {spec.run_id}  {axes}, seed={spec.seed}  -> {spec.run_dir}")
         lines.append("")
     if evals:
-        shapes: dict[JobShape, int] = {}
-        for spec in specs:
-            shape = eval_shape(spec, eval_devices)
-            shapes[shape] = shapes.get(shape, 0) + 1
-        for shape, count in shapes.items():
-            lines.append(f"# then an eval array ({', '.join(evals)}) of {count} job(s), {shape.nodes} node(s) x "
+        for shape, group in group_by_shape(specs, lambda spec: eval_shape(spec, eval_devices)).items():
+            lines.append(f"# then an eval array ({', '.join(evals)}) of {len(group)} job(s), {shape.nodes} node(s) x "
                          f"{shape.tasks_per_node} task(s) per node"
                          + (f", {shape.gpus_per_node} GPU(s) per node" if shape.gpus_per_node else "")
                          + ", --dependency=afterany:<training arrays>")

@@ -348,7 +348,7 @@ class SSLMethod(L.LightningModule):
         on every rank (gathered: every rank must call this), since ranks forward different numbers of batches."""
         if not sharding.is_sharded(self.teacher):
             return self.teacher.backbone
-        whole = build_net(self.cfg, 0.0, mask_token=self.uses_masks).backbone
+        whole = build_backbone(dataclasses.replace(self.cfg.backbone, drop_path_rate=0.0), self.uses_masks)
         whole.load_state_dict(sharding.full_state(self.teacher.backbone))
         return whole.to(self.device)
 

@@ -1,9 +1,10 @@
 """``trainer.strategy=fsdp``: student and teacher sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 The sharding units are the transformer blocks (for CNNs, the backbone's top-level children), then the
-backbone and the head (see :func:`shard_units`); DINOv2 wraps each block too (``dinov2/fsdp``). The student keeps its gathered parameters from
-forward to backward (``reshard_after_forward=False``: DINOv2's ``ShardingStrategy.SHARD_GRAD_OP``, so
-parameters are gathered once per step); the teacher has no backward and frees them after its forward.
+backbone and the head (see :func:`shard_units`); DINOv2 wraps each block too (``dinov2/fsdp``). The
+student keeps its gathered parameters from forward to backward (``reshard_after_forward=False``:
+DINOv2's ``ShardingStrategy.SHARD_GRAD_OP``, so parameters are gathered once per step); the teacher
+has no backward and frees them after its forward.
 
 Student and teacher are the same modules on the same mesh, so each rank holds the same rows of both
 and the EMA update is local to each rank's shard (DTensor ops on shards of one layout). Buffers (the

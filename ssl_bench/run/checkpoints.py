@@ -23,7 +23,6 @@ from ssl_bench.run.preemption import agreed_preemption, set_training_active
 
 SHARDED_META = "meta.pt"  # Lightning's ModelParallelStrategy: everything but the model and optimizer state
 SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index, written last by the coordinator
-CONSOLIDATED_SUFFIX = "-consolidated.ckpt"  # last.ckpt (sharded directory) -> last-consolidated.ckpt (one file)
 
 
 def save_checkpoint_atomically(trainer: L.Trainer, directory: Path) -> None:
@@ -262,7 +261,7 @@ def consolidated(path: str | Path, log: Callable[[str], None] = print) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
-    out = path.with_name(path.name.removesuffix(".ckpt") + CONSOLIDATED_SUFFIX)
+    out = path.with_name(path.name.removesuffix(".ckpt") + tracking.CONSOLIDATED_SUFFIX)
     meta = path / SHARDED_META
     if out.is_file() and meta.is_file() and out.stat().st_mtime >= meta.stat().st_mtime:
         return out

@@ -186,17 +186,12 @@ def evaluate_launched(target: str, kinds: list[str], device: str | None, launche
 
     Returns (kind -> record path, None on ranks other than 0; the number of ranks).
     """
-    rank_device = dist.join_launched_group(launcher, device_of(device))
-    try:
-        done = {}
+    done = {}
+    with dist.launched_group(launcher, device_of(device)) as rank_device:
         for kind in kinds:  # a fresh target each: a protocol may move or change the backbone
             out = evaluate(open_target(target), kind, rank_device)
             done[kind] = out.record if out is not None else None
         ranks = dist.world_size()
-    except BaseException:
-        dist.leave_group(wait=False)
-        raise
-    dist.leave_group()
     return done, ranks
 
 

@@ -23,7 +23,8 @@ from ssl_bench import dist, repro, tracking
 from ssl_bench.data import SSLDataModule, dataset_info
 from ssl_bench.data.masking import patch_grid
 from ssl_bench.eval.collapse import CollapseMonitor
-from ssl_bench.eval.features import FeatureCache, checkpoint_sha256, weights_sha256
+from ssl_bench.backbones.checkpoints import weights_sha256 as state_sha256
+from ssl_bench.eval.features import FeatureCache, weights_sha256
 from ssl_bench.eval.knn_protocol import run_knn
 from ssl_bench.methods import build_method, sharding
 from ssl_bench.methods.finite import NonFiniteError
@@ -198,7 +199,7 @@ def _rank_weight_hashes(method: torch.nn.Module) -> dict[str, Any]:
     if not dist.is_distributed():
         return {}
     hashes: list[Any] = [None] * dist.world_size()  # under FSDP of the gathered weights (rank shards differ)
-    torch.distributed.all_gather_object(hashes, checkpoint_sha256(sharding.full_state(method.teacher)))
+    torch.distributed.all_gather_object(hashes, state_sha256(sharding.full_state(method.teacher)))
     return {"world_size": dist.world_size(), "teacher_sha256": hashes}
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["CONFIG_FILE", "ENV_FILE", "METRICS_FILE", "RESULT_FILE", "CHECKPOINT_DIR", "LAST_CHECKPOINT",
-           "PREVIOUS_CHECKPOINT", "ATTEMPTS_DIR", "EVALS_DIR", "FEATURES_DIR", "RESULT_LOCK", "EVALS_KEY",
+           "PREVIOUS_CHECKPOINT", "CONSOLIDATED_SUFFIX", "ATTEMPTS_DIR", "EVALS_DIR", "FEATURES_DIR", "RESULT_LOCK",
+           "EVALS_KEY",
            "COLLAPSE_PREFIX", "TEACHER_ENTROPY", "KL_TEACHER_STUDENT", "RANKME", "FEATURE_STD", "COLLAPSED",
            "STATUS_RUNNING", "STATUS_COMPLETED", "STATUS_FAILED", "STATUS_PREEMPTED", "UNFINISHED",
            "STEP_KEY_PREFIXES", "KNN_TOP1", "ONLINE_KNN_PREFIX", "FP16_SKIPPED_STEPS", "CheckpointFiles",
@@ -22,6 +23,7 @@ RESULT_FILE = "result.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 PREVIOUS_CHECKPOINT = "previous.ckpt"  # the last.ckpt before the latest save: the fallback
+CONSOLIDATED_SUFFIX = "-consolidated.ckpt"  # a sharded last.ckpt directory -> last-consolidated.ckpt (one file)
 ATTEMPTS_DIR = "attempts"
 EVALS_DIR = "evals"  # post-hoc evaluations (ssl-bench eval ...): one JSON record each
 FEATURES_DIR = "features"  # cached frozen features, keyed by weights + data + preprocessing
