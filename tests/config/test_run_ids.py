@@ -35,6 +35,14 @@ STUDY_RUN_IDS = {
         "dino_no_centering_no_sharpening-01bb8f1e",
         "dino_sinkhorn-87380c0a", "dino_sinkhorn-e7c8df28", "dino_sinkhorn-e4d02cfb",
     ],
+    # Issue 20 (item 3): the collapse arms on all 60000 images for one epoch (937 steps).
+    "experiments/fashion_mnist_collapse_full.yaml": [
+        "dino-593ddda3", "dino-25e1e955", "dino-6f311f35",
+        "dino_no_centering-210fd58b", "dino_no_centering-60fdd85a", "dino_no_centering-83992155",
+        "dino_no_sharpening-31271389", "dino_no_sharpening-7854c88d", "dino_no_sharpening-3ccf0628",
+        "dino_no_centering_no_sharpening-7bc08daa", "dino_no_centering_no_sharpening-2baf1267",
+        "dino_no_centering_no_sharpening-477bc07c",
+    ],
     "experiments/fashion_mnist_dino_search.yaml": ["dino-ecec68fa", "dino-cd6351b2", "dino-d366848d", "dino-830fa99b"],
     "experiments/fashion_mnist_dino_search_stem.yaml": ["dino-698085d1", "dino-4b5c48c9"],
     "experiments/fashion_mnist_dino_search_stem_nostop.yaml": ["dino-23306645", "dino-168ee944"],
