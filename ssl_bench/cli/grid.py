@@ -158,6 +158,8 @@ def _launch_local(study, force: bool) -> int:
           f"(already completed), {len(summary.failed)} failed")
     for run_id, error in summary.failed.items():
         print(f"  FAILED {run_id}: {error}")
+    if summary.stopped:
+        print(f"study {study.name!r} stopped: {summary.stopped}")
     return 0 if summary.ok else 1
 
 

@@ -1,4 +1,4 @@
-"""``ssl-bench results collect|table|plot|compare|curves``: run records -> DataFrame -> tables and figures."""
+"""``ssl-bench results collect|table|plot|compare|gaps|curves``: run records -> DataFrame -> tables and figures."""
 
 from __future__ import annotations
 
@@ -139,6 +139,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gaps(args: argparse.Namespace) -> int:
+    from ssl_bench.report.gaps import render_gaps
+
+    df, study, rows = _runs(args)
+    fmt = args.format or _format_of(args.output)
+    write_output(render_gaps(df, study, args.rows or rows, args.metric, args.baseline, args.times, fmt, args.digits,
+                             command_line(args)), args.output)
+    return 0
+
+
 def _side_label(df: pd.DataFrame, study: str, root: str | None) -> str:
     shas = sorted({str(s)[:7] for s in df.get("git_sha", pd.Series(dtype=object)).dropna()})
     return f"{study}" + (f" @ {'/'.join(shas)}" if shas else "") + (f" ({root})" if root else "")
@@ -257,6 +267,17 @@ def add_results_parser(sub) -> None:
     p.add_argument("--label-b", help="column label for B")
     _table_args(p)
     p.set_defaults(func=cmd_compare)
+
+    p = rs.add_parser("gaps", help="is one row ahead of each other row by more than k pooled seed stds?")
+    _study_args(p)
+    p.add_argument("--baseline", required=True, help="the row compared with every other, e.g. dino")
+    p.add_argument("--metric", default="knn_top1", help="result.json metric (default knn_top1)")
+    p.add_argument("--times", type=float, default=2.0, help="met when gap > TIMES x pooled std (default 2)")
+    p.add_argument("--rows", nargs="+", help="axes that make the rows (default: the study's grid axes)")
+    p.add_argument("--format", choices=("md", "tex", "csv"), help="default: from --output's suffix, else md")
+    p.add_argument("--digits", type=int, default=2, help="decimals (default 2)")
+    p.add_argument("--output", help="also write the table to this file")
+    p.set_defaults(func=cmd_gaps)
 
     p = rs.add_parser("plot", help="PNG+PDF figures: collapse curves (DINO Fig. 7), k-NN over training, loss")
     _study_args(p)

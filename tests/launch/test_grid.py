@@ -89,6 +89,37 @@ def test_failed_run_is_recorded_and_next_run_still_starts(tmp_path, tiny_tree, m
     assert record["status"] == "failed" and "injected failure" in record["error"]
 
 
+def test_sigterm_stops_the_study_and_the_same_command_resumes(tmp_path, tiny_tree, monkeypatch):
+    """A SIGTERM to a local study (kill, timeout) stops it, as Ctrl-C does, instead of starting the next run."""
+    import os
+    import signal
+
+    from ssl_bench.methods import dino
+
+    resumable = {"optim": {"epochs": 2}, "trainer": {"max_steps": -1}, "train": {"checkpoint_every_n_steps": 3},
+                 "eval": {"knn_init": False}}  # 8 steps, as in tests/test_resume.py
+    study = load_study(write_study(tmp_path, config_lib.deep_merge(tiny_tree, resumable),
+                                   {"method.name": ["dino", "dino_no_centering"]}))
+    first, second = study.runs
+    original = dino.DINO.training_step
+
+    def training_step(self, batch, idx):
+        if self.cfg.method.name == "dino" and self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets trainer.received_sigterm
+        return original(self, batch, idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dino.DINO, "training_step", training_step)
+        summary = launch_local(study)
+    assert not summary.ok and summary.not_started == [second.run_id] and summary.completed == []
+    assert "checkpoint saved at step 3" in summary.failed[first.run_id] and "SIGTERM" in summary.stopped
+    assert json.loads((first.run_dir / "result.json").read_text())["status"] == "preempted"
+    assert not second.run_dir.exists()
+    again = launch_local(study)
+    assert again.ok and again.completed == [first.run_id, second.run_id]
+    assert json.loads((first.run_dir / "result.json").read_text())["resumes"][0]["from_step"] == 3
+
+
 # ---- malformed study files (issue 16) ------------------------------------------------------------
 
 
