@@ -120,3 +120,16 @@ def test_cli(tmp_path, capsys):
     assert "| a | 76.00 | 6.00 |" in out.read_text()
     assert main(["results", "gaps", str(path), "--baseline", "nope"]) == 2
     assert "--baseline 'nope'" in capsys.readouterr().err
+
+
+def test_committed_collapse_full_gaps_match_its_runs():
+    """results/fashion_mnist_collapse_full/gaps.md is what `results gaps` gives on the committed runs.csv."""
+    folder = REPO / "results/fashion_mnist_collapse_full"
+    df = pd.read_csv(folder / "runs.csv", comment="#")
+    fresh = render_gaps(df, "fashion_mnist_collapse_full", ["method"], "knn_top1", "dino")
+    committed = (folder / "gaps.md").read_text()
+    table = [line for line in fresh.splitlines() if line.startswith(("|", "`dino`"))]
+    assert table == [line for line in committed.splitlines() if line.startswith(("|", "`dino`"))]
+    result = gaps(df, ["method"], "knn_top1", "dino")
+    assert [g.label for g in result if g.met(g.pooled) and g.met(g.pooled_all)] == [
+        "dino_no_centering", "dino_no_sharpening", "dino_no_centering_no_sharpening"]  # the README's claim
