@@ -23,7 +23,7 @@ from typing import Sequence
 import pandas as pd
 
 from ssl_bench.report.aggregate import COMPLETED, Cell, aggregate, check_columns, direction, metric_title, row_key
-from ssl_bench.report.table import latex, markdown, provenance
+from ssl_bench.report.table import latex, markdown, notes, provenance
 
 
 def pooled_std(cells: Sequence[Cell]) -> float | None:
@@ -104,12 +104,9 @@ def _met(value: bool | None) -> str:
 
 
 def _row_state(cell: Cell) -> str:
-    parts = [f"{cell.n}/{cell.expected}"]
-    if cell.collapsed:
-        parts.append(f"{cell.collapsed} collapsed")
-    if cell.stopped_at:
-        parts.append("stopped at step " + ", ".join(str(s) for s in cell.stopped_at))
-    return "; ".join(parts)
+    """``completed/expected`` runs, then the table's cell notes (runs kept out, collapsed, stop steps)."""
+    extra = notes(cell)
+    return f"{cell.n}/{cell.expected}" + (f"; {extra}" if extra else "")
 
 
 def render_gaps(df: pd.DataFrame, study: str, rows: Sequence[str], metric: str, baseline: str, times: float = 2.0,
